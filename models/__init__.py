@@ -1,0 +1,1 @@
+"""Score networks and their registry. Importing the package registers every network."""
