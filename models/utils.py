@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import importlib
-from typing import Any, Callable, Dict, Optional, Tuple
+from typing import Any, Callable, Optional, Tuple
 
 import flax.linen as nn
 import jax
@@ -10,26 +10,12 @@ import jax.numpy as jnp
 import numpy as np
 
 import sde_lib
+from registry import Registry
 
-_MODELS: Dict[str, type] = {}
-
-# Modules that register networks on import; get_model imports them lazily so
-# that importing models.utils stays cheap and free of import cycles.
+# Modules that register networks on import; the registry imports them on a miss
+# so that importing models.utils stays cheap and free of import cycles.
 _MODEL_MODULES = ('models.mlp', 'models.ncsnpp', 'models.ddpm', 'models.ncsnv2', 'models.ncsn',
                   'models.wideresnet')
-
-
-def register_model(cls=None, *, name: Optional[str] = None):
-  """Class decorator that registers a network under `name` (default: the class name)."""
-
-  def _register(cls):
-    local_name = name or cls.__name__
-    if local_name in _MODELS and _MODELS[local_name] is not cls:
-      raise ValueError(f'A model named {local_name!r} is already registered.')
-    _MODELS[local_name] = cls
-    return cls
-
-  return _register if cls is None else _register(cls)
 
 
 def _import_all() -> None:
@@ -41,19 +27,22 @@ def _import_all() -> None:
         raise
 
 
+MODELS: Registry[type] = Registry('model', on_miss=_import_all)
+
+
+def register_model(cls=None, *, name: Optional[str] = None):
+  """Class decorator that registers a network under `name` (default: the class name)."""
+  return MODELS.register(cls, name=name)
+
+
 def get_model(name: str) -> type:
   """The network class registered under `name`; a ValueError lists the known names."""
-  if name not in _MODELS:
-    _import_all()
-  if name not in _MODELS:
-    raise ValueError(f'Unknown model {name!r}; valid choices: {sorted(_MODELS)}.')
-  return _MODELS[name]
+  return MODELS.get(name)
 
 
 def registered_models() -> Tuple[str, ...]:
   """Names of every registered network."""
-  _import_all()
-  return tuple(sorted(_MODELS))
+  return MODELS.names()
 
 
 def get_sigmas(config) -> np.ndarray:
