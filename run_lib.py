@@ -269,8 +269,10 @@ def _bpd(run: Run, state) -> float:
                     'length and can be negative.')
   likelihood_fn = likelihood.get_likelihood_fn(c, run.sde, run.model, run.inverse_scaler,
                                                data_scaler=run.scaler)
+  # Several passes only make sense with fresh dequantization noise each time.
+  repeats = int(c.eval.get('bpd_num_repeats', 1)) if c.data.uniform_dequantization else 1
   total, count = 0., 0.
-  for repeat in range(int(c.eval.get('bpd_num_repeats', 1))):
+  for repeat in range(repeats):
     for i, batch in enumerate(datasets.get_dataset(c, split=c.eval.bpd_dataset, evaluation=True,
                                                    dequant_seed=repeat)):
       x = parallel.shard_batch(run.mesh, run.scaler(batch['image']).astype(np.float32))
