@@ -1,0 +1,1 @@
+"""Toy experiment configs: closed-form mixtures scored by a small MLP."""

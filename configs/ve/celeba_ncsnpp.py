@@ -1,0 +1,11 @@
+"""NCSN++ on CelebA 64px, SMLD (discrete VE)."""
+from configs import presets
+from configs.default_celeba_configs import get_default_configs
+
+
+def get_config():
+  """The experiment config."""
+  config = get_default_configs()
+  presets.ve(config, continuous=False)
+  presets.ncsnpp_net(config)
+  return config

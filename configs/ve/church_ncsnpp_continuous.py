@@ -1,0 +1,12 @@
+"""NCSN++ on LSUN church_outdoor 256px, continuous VE SDE."""
+from configs import presets
+from configs.default_lsun_configs import get_default_configs
+
+
+def get_config():
+  """The experiment config."""
+  config = get_default_configs()
+  presets.ve(config, continuous=True)
+  config.data.category = 'church_outdoor'
+  presets.ncsnpp_256(config)
+  return config

@@ -1,0 +1,11 @@
+"""NCSN++ on CIFAR-10, continuous VP SDE."""
+from configs import presets
+from configs.default_cifar10_configs import get_default_configs
+
+
+def get_config():
+  """The experiment config."""
+  config = get_default_configs()
+  presets.vp(config, continuous=True)
+  presets.ncsnpp_net(config, scale_by_sigma=False, embedding_type='positional')
+  return config

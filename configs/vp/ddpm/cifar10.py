@@ -1,0 +1,11 @@
+"""DDPM on CIFAR-10 (Ho et al.), discrete VP."""
+from configs import presets
+from configs.default_cifar10_configs import get_default_configs
+
+
+def get_config():
+  """The experiment config."""
+  config = get_default_configs()
+  presets.vp(config, continuous=False)
+  presets.ddpm_net(config)
+  return config

@@ -1,0 +1,384 @@
+"""Sample quality: feature extractors, FID / IS / KID, and cached data-set statistics.
+
+The evaluation loop uses four names:
+
+    name, features_fn = get_feature_extractor(config, workdir)
+    data_stats = get_data_stats(config, workdir, (name, features_fn), lambda: batches)
+    sample_feats = extract_features(features_fn, sample_batches)
+    metrics = compute_metrics(sample_feats, data_stats)   # {'fid': ..., 'is': ..., 'kid': ...}
+
+`features_fn(images)` maps NHWC images in [0, 1] (any batch size) to {'pool': [B, d],
+'logits': [B, K]}: the FID Inception-v3 (d = 2048, K = 1008; `inception.py`) for real image data
+sets, and for 'digits' a small CNN trained on the embedded digits (d = 64, K = 10;
+`train_digits_classifier`). Images are clipped to [0, 1] and rounded to the 8-bit grid first, as
+the original evaluated saved 8-bit samples.
+
+The metrics are exact float64 numpy:
+- FID = ||mu1 - mu2||^2 + tr(S1) + tr(S2) - 2 tr((S1 S2)^(1/2)), the Frechet distance of two
+  Gaussians; tr((S1 S2)^(1/2)) = sum_i sqrt(lambda_i(S1^(1/2) S2 S1^(1/2))), whose argument is
+  symmetric PSD, so eigendecompositions give it without a non-symmetric sqrtm and stay exact for
+  singular covariances (fewer samples than features).
+- IS = exp(E_x KL(p(y|x) || p(y))) per split, mean over splits (10 by default).
+- KID = unbiased MMD^2 with the kernel k(x, y) = (x.y / d + 1)^3, averaged over random subsets
+  (100 subsets of 1000, Binkowski et al. 2018), reported as the mean.
+"""
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import logging
+import os
+from typing import Callable, Dict, Iterable, Mapping, Optional, Tuple, Union
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from scipy import special
+
+import inception
+from models import digits_classifier
+
+Array = jax.Array
+FeaturesFn = Callable[[Array], Dict[str, Array]]
+Extractor = Tuple[str, FeaturesFn]
+
+EXTRACTORS = ('auto', 'inception', 'digits')
+DIGITS_CLASSIFIER_SEED = 0  # fixed, not config.seed: the metric's network is the same for every run
+
+
+# ------------------------------------------------------------------------------------------------
+# Metrics
+
+
+def feature_stats(pool: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
+  """Mean [d] and unbiased covariance [d, d] of features [N, d], in float64."""
+  pool = np.asarray(pool, np.float64)
+  if pool.ndim != 2 or pool.shape[0] < 2:
+    raise ValueError(f'Feature statistics need [N >= 2, d] features, got shape {pool.shape}.')
+  return pool.mean(axis=0), np.cov(pool, rowvar=False)
+
+
+def _psd_sqrt(a: np.ndarray) -> np.ndarray:
+  """Square root of a symmetric PSD matrix; round-off negative eigenvalues count as 0."""
+  w, v = np.linalg.eigh((a + a.T) / 2.)
+  return (v * np.sqrt(np.clip(w, 0., None))) @ v.T
+
+
+def frechet_distance(mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray,
+                     sigma2: np.ndarray) -> float:
+  """Frechet (2-Wasserstein) distance^2 between N(mu1, sigma1) and N(mu2, sigma2)."""
+  mu1, mu2 = np.asarray(mu1, np.float64), np.asarray(mu2, np.float64)
+  s1, s2 = np.asarray(sigma1, np.float64), np.asarray(sigma2, np.float64)
+  if mu1.shape != mu2.shape or s1.shape != s2.shape or s1.shape != mu1.shape * 2:
+    raise ValueError(f'Mismatched statistics: means {mu1.shape}, {mu2.shape}, covariances '
+                     f'{s1.shape}, {s2.shape}.')
+  root1 = _psd_sqrt(s1)
+  eig = np.linalg.eigvalsh(root1 @ s2 @ root1)  # = eigenvalues of S1 S2, all >= 0 in exact math
+  tr_covmean = np.sum(np.sqrt(np.clip(eig, 0., None)))
+  diff = mu1 - mu2
+  return float(diff @ diff + np.trace(s1) + np.trace(s2) - 2. * tr_covmean)
+
+
+def inception_score(logits: np.ndarray, splits: int = 10) -> float:
+  """Inception score of class logits [N, K]: mean over `splits` parts of exp(E KL(p(y|x) || p(y)))."""
+  logits = np.asarray(logits, np.float64)
+  if logits.ndim != 2 or not 1 <= splits <= logits.shape[0]:
+    raise ValueError(f'IS needs logits [N, K] with 1 <= splits={splits} <= N, got {logits.shape}.')
+  log_p = logits - special.logsumexp(logits, axis=1, keepdims=True)
+  p = np.exp(log_p)
+  scores = []
+  for part, log_part in zip(np.array_split(p, splits), np.array_split(log_p, splits)):
+    p_y = part.mean(axis=0)
+    kl = np.sum(part * log_part - special.xlogy(part, p_y), axis=1)  # 0 log 0 = 0
+    scores.append(np.exp(kl.mean()))
+  return float(np.mean(scores))
+
+
+def polynomial_mmd2(x: np.ndarray, y: np.ndarray) -> float:
+  """Unbiased MMD^2 of two samples [m, d], [n, d] under k(a, b) = (a.b / d + 1)^3."""
+  d = x.shape[1]
+  k_xx = (x @ x.T / d + 1.) ** 3
+  k_yy = (y @ y.T / d + 1.) ** 3
+  k_xy = (x @ y.T / d + 1.) ** 3
+  m, n = len(x), len(y)
+  return float((k_xx.sum() - np.trace(k_xx)) / (m * (m - 1))
+               + (k_yy.sum() - np.trace(k_yy)) / (n * (n - 1)) - 2. * k_xy.mean())
+
+
+def kernel_inception_distance(x: np.ndarray, y: np.ndarray, *, subset_size: int = 1000,
+                              num_subsets: int = 100, seed: int = 0) -> float:
+  """KID: the mean over `num_subsets` random subsets (without replacement) of the unbiased MMD^2.
+
+  The subset size is capped by the smaller set (logged), so small evaluations still run.
+  """
+  x, y = np.asarray(x, np.float64), np.asarray(y, np.float64)
+  if x.ndim != 2 or y.ndim != 2 or x.shape[1] != y.shape[1]:
+    raise ValueError(f'KID needs features [m, d] and [n, d], got {x.shape} and {y.shape}.')
+  m = min(subset_size, len(x), len(y))
+  if m < 2 or num_subsets < 1:
+    raise ValueError(f'KID needs subsets of at least 2 (got {m}) and num_subsets >= 1 '
+                     f'(got {num_subsets}).')
+  if m < subset_size:
+    logging.info('KID subset size %d capped to %d by the number of features.', subset_size, m)
+  rng = np.random.default_rng(seed)
+  return float(np.mean([polynomial_mmd2(x[rng.choice(len(x), m, replace=False)],
+                                        y[rng.choice(len(y), m, replace=False)])
+                        for _ in range(num_subsets)]))
+
+
+def compute_metrics(sample_feats: Mapping[str, np.ndarray], data_stats: Mapping[str, np.ndarray],
+                    *, is_splits: int = 10, kid_subset_size: int = 1000,
+                    kid_num_subsets: int = 100, seed: int = 0) -> Dict[str, float]:
+  """{'fid', 'is', 'kid'} of sample features {'pool', 'logits'} against `get_data_stats` output."""
+  pool = np.asarray(sample_feats['pool'])
+  mu, sigma = feature_stats(pool)
+  splits = min(is_splits, len(pool))
+  return {'fid': frechet_distance(mu, sigma, data_stats['mu'], data_stats['sigma']),
+          'is': inception_score(sample_feats['logits'], splits),
+          'kid': kernel_inception_distance(pool, data_stats['pool'], subset_size=kid_subset_size,
+                                           num_subsets=kid_num_subsets, seed=seed)}
+
+
+# ------------------------------------------------------------------------------------------------
+# Feature extraction
+
+
+def _features_fn(module: nn.Module, variables: Mapping, prepare: Callable[[Array], Array]
+                 ) -> FeaturesFn:
+  """Jitted features_fn(images in [0, 1]) of a network: clip, round to 8 bits, prepare, apply."""
+
+  @jax.jit
+  def apply(variables, images):
+    x = jnp.round(jnp.clip(jnp.asarray(images, jnp.float32), 0., 1.) * 255.) / 255.
+    return module.apply(variables, prepare(x))
+
+  # Variables are an argument, not closed-over constants: large constants slow compilation.
+  return lambda images: apply(variables, images)
+
+
+def inception_features_fn(variables: Mapping, size: int = inception.INPUT_SIZE) -> FeaturesFn:
+  """features_fn of the FID Inception-v3 with these variables (input resized to `size`)."""
+  if size < inception.MIN_INPUT_SIZE:
+    raise ValueError(f'Inception input size {size} is below the minimum '
+                     f'{inception.MIN_INPUT_SIZE}.')
+  return _features_fn(inception.FIDInceptionV3(), variables,
+                      lambda x: inception.preprocess(x, size))
+
+
+def digits_features_fn(variables: Mapping) -> FeaturesFn:
+  """features_fn of the digits classifier (any digits-config image size / channel count)."""
+  width = int(variables['params']['conv1']['kernel'].shape[-1])
+  return _features_fn(digits_classifier.DigitsClassifier(width=width), variables,
+                      digits_classifier.to_classifier_input)
+
+
+def extract_features(features_fn: FeaturesFn, batches: Iterable,
+                     max_examples: Optional[int] = None) -> Dict[str, np.ndarray]:
+  """Concatenated {'pool', 'logits'} (numpy) over batches: arrays, or dicts with 'image' and an
+  optional 'mask' (rows with mask 0 are padding and dropped), up to `max_examples` rows."""
+  pools, logits, n = [], [], 0
+  for batch in batches:
+    images, mask = (batch['image'], batch.get('mask')) if isinstance(batch, Mapping) else (batch,
+                                                                                          None)
+    out = jax.device_get(features_fn(images))
+    keep = slice(None) if mask is None else np.asarray(mask) > 0
+    pools.append(np.asarray(out['pool'])[keep])
+    logits.append(np.asarray(out['logits'])[keep])
+    n += len(pools[-1])
+    if max_examples is not None and n >= max_examples:
+      break
+  if not pools:
+    raise ValueError('extract_features got no batches.')
+  feats = {'pool': np.concatenate(pools), 'logits': np.concatenate(logits)}
+  return {k: v[:max_examples] for k, v in feats.items()}
+
+
+# ------------------------------------------------------------------------------------------------
+# The digits classifier: trained once on the embedded training split, cached
+
+
+_DIGITS_RECIPE = dict(version=1, width=32, steps=1200, batch_size=128, lr=3e-3, weight_decay=1e-4,
+                      max_shift=1)
+
+
+def _digits_data(split: str) -> Tuple[np.ndarray, np.ndarray]:
+  """The embedded digits split as float32 [N, 8, 8, 1] in [0, 1] and int32 labels."""
+  import datasets  # lazily: only the digits metric needs it
+  images, labels = datasets.load_digits_split(split)
+  return images.astype(np.float32) / 255., np.asarray(labels, np.int32)
+
+
+def _random_shift(rng: Array, x: Array, max_shift: int) -> Array:
+  """Translates each image by up to max_shift pixels (zero fill): robustness to small offsets."""
+  b, h, w, _ = x.shape
+  padded = jnp.pad(x, ((0, 0), (max_shift,) * 2, (max_shift,) * 2, (0, 0)))
+  offsets = jax.random.randint(rng, (b, 2), 0, 2 * max_shift + 1)
+  crop = lambda img, o: jax.lax.dynamic_slice(img, (o[0], o[1], 0), (h, w, img.shape[-1]))
+  return jax.vmap(crop)(padded, offsets)
+
+
+def _train_classifier(seed: int, images: np.ndarray, labels: np.ndarray, recipe: Mapping) -> Dict:
+  """Trains the digits CNN with AdamW and cosine decay; every step inside one lax.scan."""
+  model = digits_classifier.DigitsClassifier(width=recipe['width'])
+  init_rng, train_rng = jax.random.split(jax.random.PRNGKey(seed))
+  params = model.init(init_rng, jnp.zeros((1, 8, 8, 1)))['params']
+  tx = optax.adamw(optax.cosine_decay_schedule(recipe['lr'], recipe['steps']),
+                   weight_decay=recipe['weight_decay'])
+  x_all, y_all = jnp.asarray(images), jnp.asarray(labels)
+
+  def loss_fn(params, x, y):
+    logits = model.apply({'params': params}, x)['logits']
+    return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
+
+  def step(carry, rng):
+    params, opt_state = carry
+    idx_rng, shift_rng = jax.random.split(rng)
+    idx = jax.random.choice(idx_rng, len(y_all), (recipe['batch_size'],), replace=False)
+    x = _random_shift(shift_rng, x_all[idx], recipe['max_shift'])
+    grads = jax.grad(loss_fn)(params, x, y_all[idx])
+    updates, opt_state = tx.update(grads, opt_state, params)
+    return (optax.apply_updates(params, updates), opt_state), None
+
+  @jax.jit
+  def train(params):
+    (params, _), _ = jax.lax.scan(step, (params, tx.init(params)),
+                                  jax.random.split(train_rng, recipe['steps']))
+    return params
+
+  return {'params': train(params)}
+
+
+def digits_accuracy(variables: Mapping, images: np.ndarray, labels: np.ndarray) -> float:
+  """Top-1 accuracy of the digits classifier on [N, 8, 8, 1] images in [0, 1]."""
+  logits = digits_features_fn(variables)(jnp.asarray(images))['logits']
+  return float(np.mean(np.argmax(np.asarray(logits), axis=1) == np.asarray(labels)))
+
+
+def _cpu_device():
+  """The CPU device when the CPU backend is available (same weights on every machine), else None."""
+  try:
+    return jax.devices('cpu')[0]
+  except RuntimeError:
+    return None
+
+
+def train_digits_classifier(seed: int = DIGITS_CLASSIFIER_SEED, cache_path: Optional[str] = None
+                            ) -> Tuple[Dict, Dict[str, object]]:
+  """The digits classifier's variables and {'test_accuracy', 'arrays_sha256', 'cached'}.
+
+  Trains on the embedded training split (a few seconds, on the CPU so every machine gets the same
+  network). With `cache_path`, a file trained with the same seed, recipe and data is reused (its
+  checksum verified); a missing, corrupted or mismatched file is (re)written.
+  """
+  train_x, train_y = _digits_data('train')
+  test_x, test_y = _digits_data('test')
+  h = hashlib.sha256(json.dumps(dict(_DIGITS_RECIPE, seed=seed), sort_keys=True).encode())
+  for a in (train_x, train_y):
+    h.update(np.ascontiguousarray(a).tobytes())
+  recipe_id = h.hexdigest()  # plays the 'source checksum' role in the cache file
+  if cache_path and os.path.isfile(cache_path):
+    try:
+      variables, meta = inception.load_variables(cache_path, expected_source_sha256=recipe_id)
+      return variables, {'test_accuracy': float(meta['test_accuracy']),
+                         'arrays_sha256': meta['arrays_sha256'], 'cached': True}
+    except ValueError as e:
+      logging.warning('Retraining the digits classifier: %s', e)
+  device = _cpu_device()
+  with jax.default_device(device) if device is not None else contextlib.nullcontext():
+    variables = jax.device_get(_train_classifier(seed, train_x, train_y, _DIGITS_RECIPE))
+    accuracy = digits_accuracy(variables, test_x, test_y)
+  digest = inception.arrays_sha256(inception.flatten(variables))
+  if cache_path:
+    inception.save_variables(cache_path, variables, recipe_id,
+                             extra={'test_accuracy': repr(accuracy)})
+  return variables, {'test_accuracy': accuracy, 'arrays_sha256': digest, 'cached': False}
+
+
+# ------------------------------------------------------------------------------------------------
+# Public entry points for the evaluation loop
+
+
+def _extractor_kind(config) -> str:
+  """'inception' or 'digits' from config.eval.feature_extractor ('auto': by data set)."""
+  kind = str(config.eval.get('feature_extractor', 'auto'))
+  if kind not in EXTRACTORS:
+    raise ValueError(f'Unknown config.eval.feature_extractor={kind!r}; valid choices: '
+                     f'{list(EXTRACTORS)}.')
+  dataset = str(config.data.dataset).lower()
+  if dataset in ('ring2d', 'mixture2d', 'gmm_nd'):
+    raise ValueError(f'config.data.dataset={config.data.dataset!r} holds vectors, not images: '
+                     'FID / IS / KID need an image data set.')
+  if kind == 'auto':
+    kind = 'digits' if dataset == 'digits' else 'inception'
+  return kind
+
+
+def get_feature_extractor(config, workdir: Optional[str] = None) -> Extractor:
+  """(name, features_fn): the FID Inception-v3 for real image sets, the digits CNN for 'digits'.
+
+  `name` identifies the network and its exact weights (it keys the statistics cache). Inception
+  weights come from config.eval.inception_weights (clear error when missing; never downloaded);
+  the digits classifier is cached at <workdir>/stats/digits_classifier.npz when workdir is given.
+  """
+  kind = _extractor_kind(config)
+  if kind == 'inception':
+    variables, meta = inception.load_fid_inception(str(config.eval.inception_weights))
+    return f'inception_fid_{meta["arrays_sha256"][:12]}', inception_features_fn(variables)
+  cache = os.path.join(workdir, 'stats', 'digits_classifier.npz') if workdir else None
+  variables, info = train_digits_classifier(DIGITS_CLASSIFIER_SEED, cache)
+  logging.info('Digits classifier: test accuracy %.4f.', info['test_accuracy'])
+  return f'digits_cnn_{info["arrays_sha256"][:12]}', digits_features_fn(variables)
+
+
+def stats_path(config, workdir: str, extractor_name: str, split: str = 'train') -> str:
+  """<workdir>/stats/<data set>_<size>px_<split>_<extractor>.npz: one file per data and network."""
+  dataset = str(config.data.dataset).lower()
+  category = config.data.get('category', None)
+  if category:
+    dataset = f'{dataset}-{category}'
+  name = f'{dataset}_{int(config.data.image_size)}px_{split}_{extractor_name}.npz'
+  return os.path.join(workdir, 'stats', name)
+
+
+def get_data_stats(config, workdir: Optional[str], extractor: Extractor,
+                   images: Union[Iterable, Callable[[], Iterable]], *, split: str = 'train',
+                   path: Optional[str] = None, max_examples: Optional[int] = None
+                   ) -> Dict[str, np.ndarray]:
+  """Data statistics {'mu', 'sigma', 'pool', 'is', 'n'} of the data set's images, cached on disk.
+
+  `images` is an iterable of batches (as `extract_features` takes) or a zero-argument callable
+  returning one, so a cache hit reads no data. The cache file (`path`, default `stats_path(...)`)
+  records the data set, split, size, extractor name and example cap; a file whose record differs
+  or that cannot be read is recomputed and replaced. Only the caller decides which process writes:
+  every process that calls this writes the same file atomically.
+  """
+  name, features_fn = extractor
+  if path is None:
+    if not workdir:
+      raise ValueError('get_data_stats needs a workdir or an explicit path for its cache file.')
+    path = stats_path(config, workdir, name, split)
+  key = json.dumps({'dataset': str(config.data.dataset), 'category': config.data.get('category', None),
+                    'image_size': int(config.data.image_size), 'split': split, 'extractor': name,
+                    'max_examples': max_examples}, sort_keys=True)
+  if os.path.isfile(path):
+    try:
+      with np.load(path, allow_pickle=False) as f:
+        if str(f['key']) == key:
+          return {k: f[k] for k in ('mu', 'sigma', 'pool', 'is', 'n')}
+        logging.warning('Statistics in %s are for %s, not %s: recomputing.', path, f['key'], key)
+    except (OSError, ValueError, KeyError, EOFError) as e:
+      logging.warning('Unreadable statistics file %s (%s): recomputing.', path, e)
+  feats = extract_features(features_fn, images() if callable(images) else images, max_examples)
+  mu, sigma = feature_stats(feats['pool'])
+  stats = {'mu': mu, 'sigma': sigma, 'pool': feats['pool'].astype(np.float32),
+           'is': np.float64(inception_score(feats['logits'], min(10, len(feats['logits'])))),
+           'n': np.int64(len(feats['pool']))}
+  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+  tmp = f'{path}.tmp.{os.getpid()}'
+  with open(tmp, 'wb') as f:  # write, then rename: readers never see a partial file
+    np.savez(f, key=np.asarray(key), **stats)
+  os.replace(tmp, path)
+  return stats
