@@ -20,6 +20,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import os
+import zipfile
 from typing import Dict, Mapping, Optional, Sequence, Tuple
 
 import flax.linen as nn
@@ -191,9 +192,8 @@ class FIDInceptionV3(nn.Module):
 def preprocess(images: Array, size: int = INPUT_SIZE) -> Array:
   """[0, 1] NHWC images (1 or 3 channels) -> size x size RGB in [-1, 1], as pytorch-fid feeds them."""
   if images.ndim != 4 or images.shape[-1] not in (1, 3):
-    raise ValueError(f'Inception expects NHWC images with 1 or 3 channels, got shape {images.shape}.')
-  if size < MIN_INPUT_SIZE:
-    raise ValueError(f'Inception input size {size} is below the minimum {MIN_INPUT_SIZE}.')
+    raise ValueError(f'Inception expects NHWC images with 1 or 3 channels, got shape '
+                     f'{images.shape}.')
   x = jnp.asarray(images, jnp.float32)
   if x.shape[-1] == 1:  # grey images: the same value in R, G and B
     x = jnp.repeat(x, 3, axis=-1)
@@ -299,7 +299,7 @@ def load_variables(path: str, expected_source_sha256: Optional[str] = None
   try:
     with np.load(path, allow_pickle=False) as data:
       arrays = {k: data[k] for k in data.files}
-  except (OSError, ValueError, EOFError) as e:  # truncated / not an npz / bad zip member
+  except (OSError, ValueError, EOFError, zipfile.BadZipFile) as e:  # truncated, not an npz, bad CRC
     raise ValueError(f'{path} is not a readable .npz weights file ({type(e).__name__}: {e}). '
                      'Delete it and convert the weights again.') from e
   meta = {k[2:-2]: str(v) for k, v in arrays.items() if k.startswith('__') and k.endswith('__')}
@@ -325,7 +325,8 @@ def _check_tree(variables: Mapping, reference: Mapping, path: str) -> None:
   bad = sorted(k for k in set(want) & set(got) if got[k] != want[k])
   if missing or extra or bad:
     raise ValueError(f'{path} does not hold FID Inception-v3 variables: missing {missing[:5]}, '
-                     f'unexpected {extra[:5]}, wrong shapes {[(k, got[k], want[k]) for k in bad[:5]]}.')
+                     f'unexpected {extra[:5]}, wrong shapes '
+                     f'{[(k, got[k], want[k]) for k in bad[:5]]}.')
 
 
 def _flat_shapes(tree: Mapping, prefix: str = '') -> Dict:

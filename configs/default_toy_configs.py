@@ -41,7 +41,7 @@ def get_default_configs() -> ml_collections.ConfigDict:
 
   model = config.model
   model.name = 'mlp'
-  model.nf = 128
+  model.nf = 64
   model.num_layers = 3
   model.nonlinearity = 'swish'
   model.conditional = True
@@ -77,4 +77,9 @@ def build(sde: str, dataset: str = 'ring2d', dim: int = 2) -> ml_collections.Con
   # VP / sub-VP nets embed the time label sinusoidally and predict the noise.
   model.scale_by_sigma = sde == 'vesde'
   model.embedding_type = 'fourier' if sde == 'vesde' else 'positional'
+  if sde == 'vesde':
+    # No Langevin corrector: in 2-D after a few thousand steps it amplifies the MLP's score
+    # errors (ring2d, 2,000 steps: MMD^2 0.12-0.37 with it, 0.03 without; with the exact score
+    # both are exact). Turn it back on with --config.sampling.corrector=langevin.
+    config.sampling.corrector = 'none'
   return config

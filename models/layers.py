@@ -14,6 +14,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from models.up_or_down_sampling import naive_upsample_2d
+
 Array = jax.Array
 
 ACTIVATIONS = {
@@ -28,7 +30,7 @@ DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}
 def check_choice(name: str, value: Any, choices) -> Any:
   """Returns `value` if it is one of `choices`, else raises a ValueError naming both."""
   if value not in choices:
-    raise ValueError(f'Unknown {name} {value!r}; valid choices: {sorted(choices)}.')
+    raise ValueError(f'Unknown {name} {value!r}; valid choices: {list(choices)}.')
   return value
 
 
@@ -205,11 +207,10 @@ class Upsample(nn.Module):
 
   @nn.compact
   def __call__(self, x: Array) -> Array:
-    n, h, w, c = x.shape
-    x = jax.image.resize(x, (n, 2 * h, 2 * w, c), 'nearest')
+    h = naive_upsample_2d(x, factor=2)
     if self.with_conv:
-      x = ddpm_conv3x3(x, self.out_ch or c, dtype=self.dtype)
-    return x
+      h = ddpm_conv3x3(h, self.out_ch or x.shape[-1], dtype=self.dtype)
+    return h
 
 
 class Downsample(nn.Module):

@@ -59,6 +59,10 @@ class MLP(nn.Module):
     dense = lambda n, scale=1.: nn.Dense(n, dtype=dtype, kernel_init=layers.default_init(scale))
 
     temb, used_sigmas = noise_embedding(config, labels, act, conditional=True)
+    if m.get('scale_by_sigma', False):
+      # VE inputs grow to ~sigma_max; feed x / sqrt(1 + sigma^2) so the first layer sees O(1)
+      # values at every noise level (the U-Nets do not; a small MLP trains far better with it).
+      x = x / jnp.sqrt(1. + used_sigmas.reshape(-1, 1) ** 2)
     h = dense(m.nf)(x)
     for _ in range(int(m.num_layers)):
       r = act(dense(m.nf)(act(h)) + dense(m.nf)(act(temb)))
