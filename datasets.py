@@ -78,6 +78,7 @@ _SPECS = {s.name.lower(): s for s in [
     _Spec('mixture2d', 'toy'),
     _Spec('gmm_nd', 'toy'),
 ]}
+DATASETS = tuple(s.name for s in _SPECS.values())  # the valid config.data.dataset names
 _SPLIT_ALIASES = {'train': 'train', 'test': 'test', 'eval': 'test', 'validation': 'test'}
 
 

@@ -62,6 +62,7 @@ def setup(config, workdir: str) -> Run:
   mutils.get_model(config.model.name)  # unknown model -> ValueError
   losses.get_optimizer(config)  # unknown optimizer -> ValueError
   datasets.dataset_info(config)  # unknown data set -> ValueError
+  sampling.check_sampling_config(config)  # unknown sampler names -> ValueError
   mesh = parallel.make_mesh()
   parallel.check_batch_size(config.training.batch_size, mesh, 'config.training.batch_size')
   parallel.check_batch_size(config.eval.batch_size, mesh, 'config.eval.batch_size')
@@ -315,14 +316,14 @@ def _sample_rounds(run: Run, state, ckpt_dir: str, extractor) -> Dict[str, np.nd
   return {k: np.concatenate([f[k] for f in feats])[:c.eval.num_samples] for k in ('pool', 'logits')}
 
 
-def _sample_quality(run: Run, state, ckpt_dir: str) -> Dict[str, float]:
-  """FID / IS / KID of the samples against the data statistics (cached in the workdir)."""
+def _sample_quality(run: Run, state, ckpt_dir: str, extractor) -> Dict[str, float]:
+  """FID / IS / KID of the samples against the data statistics (cached in the workdir); for
+  vector data (no extractor) the samples only."""
   import evaluation
   c = run.config
-  if c.data.get('dim', None):  # points, not images: samples only
+  if extractor is None:
     _sample_rounds(run, state, ckpt_dir, None)
     return {}
-  extractor = evaluation.get_feature_extractor(c, run.workdir)
   feats = _sample_rounds(run, state, ckpt_dir, extractor)
   stats = evaluation.get_data_stats(
       c, run.workdir, extractor, lambda: datasets.get_dataset(c, split='train', evaluation=True))
@@ -339,6 +340,11 @@ def evaluate(config, workdir: str, eval_folder: str = 'eval') -> list:
   results_path = os.path.join(eval_dir, 'results.jsonl')
   snapshots = checkpointing.make_manager(os.path.join(run.workdir, 'checkpoints'))
   done, results = _done_ckpts(results_path), []
+  extractor = None
+  if e.enable_sampling and not config.data.get('dim', None):
+    import evaluation
+    # Before any checkpoint work: missing Inception weights fail here, not after the first sweep.
+    extractor = evaluation.get_feature_extractor(config, run.workdir)
   for ckpt in range(int(e.begin_ckpt), int(e.end_ckpt) + 1):
     if ckpt in done:
       logging.info('Checkpoint %d already evaluated in %s.', ckpt, results_path)
@@ -354,7 +360,7 @@ def evaluate(config, workdir: str, eval_folder: str = 'eval') -> list:
     if e.enable_bpd:
       result['bpd'] = _bpd(run, state)
     if e.enable_sampling:
-      result.update(_sample_quality(run, state, os.path.join(eval_dir, f'ckpt_{ckpt}')))
+      result.update(_sample_quality(run, state, os.path.join(eval_dir, f'ckpt_{ckpt}'), extractor))
     logging.info('Checkpoint %d: %s', ckpt, result)
     if run.is_main:
       with open(results_path, 'a') as f:

@@ -311,6 +311,19 @@ def _ode_encode_jit(x, *, sde, score_fn, rtol, atol, eps, solver, max_steps):
 SAMPLING_METHODS = ('pc', 'ode')
 
 
+def check_sampling_config(config) -> str:
+  """Validates config.sampling's names (method, predictor, corrector, ODE solver); returns the method."""
+  s = config.sampling
+  method = str(s.method).lower()
+  if method not in SAMPLING_METHODS:
+    raise ValueError(f'Unknown sampling method {s.method!r}; valid choices: {list(SAMPLING_METHODS)}.')
+  if method == 'pc':
+    PREDICTORS.get(s.predictor), CORRECTORS.get(s.corrector)
+  else:
+    ODE_SOLVERS.get(s.get('ode_solver', 'tsit5'))
+  return method
+
+
 def get_sampling_fn(config, sde: sde_lib.SDE, model, shape: Sequence[int],
                     inverse_scaler: Callable[[Array], Array], eps: float, *, mesh=None):
   """sampling_fn(rng, params, model_state=None) -> (samples, nfe) for `config.sampling`.
@@ -319,12 +332,9 @@ def get_sampling_fn(config, sde: sde_lib.SDE, model, shape: Sequence[int],
   with a `mesh`, samples come out sharded over its 'data' axis."""
   from models import utils as mutils  # local: models import sampling-free modules only
   s = config.sampling
-  method = str(s.method).lower()
-  if method not in SAMPLING_METHODS:
-    raise ValueError(f'Unknown sampling method {s.method!r}; valid choices: {list(SAMPLING_METHODS)}.')
+  method = check_sampling_config(config)
   shape = _check_shape(shape)
   if method == 'pc':
-    PREDICTORS.get(s.predictor), CORRECTORS.get(s.corrector)
     sampler = functools.partial(pc_sample, shape=shape, predictor=s.predictor, corrector=s.corrector,
                                 snr=s.snr, n_steps=s.n_steps_each, probability_flow=s.probability_flow,
                                 denoise=s.noise_removal, eps=eps)

@@ -13,5 +13,5 @@ def get_default_configs() -> ml_collections.ConfigDict:
   config.eval.enable_sampling = True
   config.data.dataset = 'CELEBA'
   config.data.image_size = 64
-  config.model.sigma_max = 90
+  config.model.sigma_max = 90.
   return config

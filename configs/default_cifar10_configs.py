@@ -50,6 +50,8 @@ def get_default_configs() -> ml_collections.ConfigDict:
   evaluate.rtol = 1e-5  # new: likelihood ODE tolerances
   evaluate.atol = 1e-5
   evaluate.inception_weights = ''  # new: local file with the FID Inception-v3 weights
+  evaluate.feature_extractor = 'auto'  # new: 'inception', 'digits' or 'auto' (by data set)
+  evaluate.ckpt_timeout_s = 0.  # new: how long to wait for a snapshot not yet written
 
   # data
   config.data = data = ml_collections.ConfigDict()
@@ -63,7 +65,7 @@ def get_default_configs() -> ml_collections.ConfigDict:
   # model
   config.model = model = ml_collections.ConfigDict()
   model.sigma_min = 0.01
-  model.sigma_max = 50
+  model.sigma_max = 50.
   model.num_scales = 1000
   model.beta_min = 0.1
   model.beta_max = 20.
@@ -73,7 +75,7 @@ def get_default_configs() -> ml_collections.ConfigDict:
 
   # optimization
   config.optim = optim = ml_collections.ConfigDict()
-  optim.weight_decay = 0
+  optim.weight_decay = 0.
   optim.optimizer = 'Adam'
   optim.lr = 2e-4
   optim.beta1 = 0.9

@@ -51,7 +51,7 @@ def get_default_configs() -> ml_collections.ConfigDict:
 
   model = config.model
   model.sigma_min = 0.01
-  model.sigma_max = 5  # above the largest distance between two digits in [0, 1] (4.8)
+  model.sigma_max = 5.  # above the largest distance between two digits in [0, 1] (4.8)
   model.dropout = 0.1
 
   optim = config.optim

@@ -23,7 +23,7 @@ def get_default_configs() -> ml_collections.ConfigDict:
   data.category = 'bedroom'
   data.tfrecords_path = ''  # FFHQ / CelebA-HQ configs point this at their TFRecords
   model = config.model
-  model.sigma_max = 378
+  model.sigma_max = 378.
   model.num_scales = 2000
   model.dropout = 0.
   return config

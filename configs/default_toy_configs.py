@@ -45,13 +45,12 @@ def get_default_configs() -> ml_collections.ConfigDict:
   model.num_layers = 3
   model.nonlinearity = 'swish'
   model.conditional = True
-  model.fourier_scale = 16
+  model.fourier_scale = 16.
   model.init_scale = 0.
   model.dropout = 0.
   model.sigma_min = 0.01
-  # Above the largest distance between two data points (ring2d: 8, gmm_nd in 16-D: < 16); an
-  # int, as the CIFAR-10 default (50) fixes the field's type.
-  model.sigma_max = 20
+  # Above the largest distance between two data points (ring2d: 8, gmm_nd in 16-D: < 16).
+  model.sigma_max = 20.
 
   optim = config.optim
   optim.lr = 1e-3

@@ -87,7 +87,7 @@ def ncsnpp_net(config: ConfigDict, **overrides) -> ConfigDict:
   model.progressive_combine = 'sum'
   model.attention_type = 'ddpm'
   model.init_scale = 0.
-  model.fourier_scale = 16
+  model.fourier_scale = 16.
   model.embedding_type = 'fourier' if config.training.continuous else 'positional'
   model.update(overrides)
   return config
@@ -120,7 +120,7 @@ def ncsnpp_1024(config: ConfigDict, dataset: str, tfrecords_path: str) -> Config
   config.data.dataset = dataset
   config.data.image_size = 1024
   config.data.tfrecords_path = tfrecords_path
-  config.model.sigma_max = 1348
+  config.model.sigma_max = 1348.
   ncsnpp_256(config, nf=16, ch_mult=(1, 2, 4, 8, 16, 32, 32, 32), num_res_blocks=1, dropout=0.)
   config.model.ema_rate = 0.9999
   return config

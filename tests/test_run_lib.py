@@ -141,6 +141,10 @@ def test_bad_input(tmp_path):
   config.optim.optimizer = 'SGDW'
   with pytest.raises(ValueError, match='SGDW'):
     run_lib.setup(config, str(tmp_path))
+  config = tiny_config()
+  config.sampling.corrector = 'langevine'
+  with pytest.raises(ValueError, match=r"Unknown corrector 'langevine'; valid choices"):
+    run_lib.setup(config, str(tmp_path))
   blocker = tmp_path / 'a_file'
   blocker.write_text('x')
   with pytest.raises(ValueError, match=r'Workdir .*a_file/run.* is not writable'):
@@ -163,3 +167,13 @@ def test_evaluation_resumes_at_unfinished_round(tmp_path):
   assert [r['ckpt'] for r in results] == [1]
   assert (ckpt_dir / 'round_0.npz').stat().st_mtime_ns == first  # not redone
   assert (ckpt_dir / 'round_1.npz').exists()
+
+
+def test_missing_inception_weights_fail_before_any_checkpoint_work(tmp_path):
+  from configs.digits import vp_ddpmpp_continuous
+  config = vp_ddpmpp_continuous.get_config()
+  config.eval.update(enable_loss=False, enable_bpd=False, enable_sampling=True,
+                     feature_extractor='inception', inception_weights=str(tmp_path / 'none.npz'))
+  # No checkpoint exists: without the early check the sweep would stop quietly at ckpt 1.
+  with pytest.raises(FileNotFoundError, match='none.npz'):
+    run_lib.evaluate(config, str(tmp_path))

@@ -9,6 +9,6 @@ def get_config():
   presets.ve(config, continuous=True)
   config.data.dataset = 'CelebAHQ'
   config.data.tfrecords_path = ''  # set to your CelebA-HQ 256px TFRecords
-  config.model.sigma_max = 348
+  config.model.sigma_max = 348.
   presets.ncsnpp_256(config)
   return config

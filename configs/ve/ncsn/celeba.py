@@ -7,6 +7,6 @@ def get_config():
   """The experiment config."""
   config = get_default_configs()
   # The original set training.loss here instead of training.sde; ncsn_family sets the SDE.
-  presets.ncsn_family(config, 'ncsn', num_scales=10, sigma_max=1, snr=0.316, n_steps_each=100,
+  presets.ncsn_family(config, 'ncsn', num_scales=10, sigma_max=1., snr=0.316, n_steps_each=100,
                       ema_rate=0.)
   return config
