@@ -16,12 +16,26 @@ flags.DEFINE_string('eval_folder', 'eval', 'Folder under workdir for evaluation 
 flags.mark_flags_as_required(['config', 'workdir', 'mode'])
 
 
+def initialize_distributed() -> None:
+  """Joins a multi-process run: explicitly from JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES and
+  JAX_PROCESS_ID, or by cluster auto-detection (SLURM, Open MPI, Cloud TPU); no-op otherwise."""
+  import jax
+  num = os.environ.get('JAX_NUM_PROCESSES')
+  if num is not None and int(num) > 1:
+    missing = [v for v in ('JAX_COORDINATOR_ADDRESS', 'JAX_PROCESS_ID') if v not in os.environ]
+    if missing:
+      raise ValueError(f'JAX_NUM_PROCESSES={num} needs {missing} set too (coordinator host:port '
+                       f'and this process\'s rank in [0, {num})).')
+    jax.distributed.initialize(os.environ['JAX_COORDINATOR_ADDRESS'], num_processes=int(num),
+                               process_id=int(os.environ['JAX_PROCESS_ID']))
+  elif num is None and ('SLURM_NTASKS' in os.environ and int(os.environ['SLURM_NTASKS']) > 1
+                        or 'OMPI_COMM_WORLD_SIZE' in os.environ or 'TPU_WORKER_HOSTNAMES' in os.environ):
+    jax.distributed.initialize()  # coordinator and ranks from the cluster environment
+
+
 def main(argv):
   del argv
-  import jax
-  if int(os.environ.get('JAX_NUM_PROCESSES', '1')) > 1 or 'SLURM_JOB_ID' in os.environ or \
-      os.environ.get('TPU_WORKER_HOSTNAMES'):
-    jax.distributed.initialize()  # multi-host: coordinator and ranks from the environment
+  initialize_distributed()
   import run_lib
   logging.set_verbosity(logging.INFO)
   # orbax logs every save step by step at INFO: keep only its warnings.
@@ -29,7 +43,9 @@ def main(argv):
       lambda r: r.levelno >= logging.converter.STANDARD_WARNING or 'orbax' not in r.pathname)
   if FLAGS.mode == 'train':
     result = run_lib.train(FLAGS.config, FLAGS.workdir)
-    print(f'train: step {result["step"]}, last loss {result["loss"]:.5g}'
+    loss = result['loss']
+    print(f'train: step {result["step"]}, '
+          + (f'last loss {loss:.5g}' if loss == loss else 'already trained (no steps run)')
           + (' (stopped by SIGTERM; resume by running the same command)' if result['preempted'] else ''))
   else:
     for r in run_lib.evaluate(FLAGS.config, FLAGS.workdir, FLAGS.eval_folder):

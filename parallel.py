@@ -76,3 +76,26 @@ def shard_batch(mesh: Mesh, local_batch: Any, leading_axes: int = 0) -> Any:
 
   return jax.tree_util.tree_map(put, local_batch)
 
+
+
+def to_host(x: Any) -> Any:
+  """The full value of (a pytree of) global arrays as numpy on every process.
+
+  Arrays sharded over several processes are all-gathered (one collective); single-process and
+  fully replicated arrays are plain copies.
+  """
+  def get(a):
+    if isinstance(a, jax.Array) and not a.is_fully_addressable and not a.is_fully_replicated:
+      from jax.experimental import multihost_utils
+      return np.asarray(multihost_utils.process_allgather(a, tiled=True))
+    return np.asarray(jax.device_get(a))
+
+  return jax.tree_util.tree_map(get, x)
+
+
+def any_process(flag: bool) -> bool:
+  """True on every process when `flag` is true on any (e.g. a SIGTERM that reached one host)."""
+  if jax.process_count() == 1:
+    return bool(flag)
+  from jax.experimental import multihost_utils
+  return bool(np.any(multihost_utils.process_allgather(np.asarray([bool(flag)]))))

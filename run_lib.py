@@ -39,6 +39,14 @@ class Run:
   scaler: Any
   inverse_scaler: Any
   is_main: bool
+  # Jitted functions built once per run (a new closure would recompile at every checkpoint).
+  compiled: Dict[str, Any] = dataclasses.field(default_factory=dict)
+
+  def get(self, name: str, build):
+    """The function `name`, built by `build()` on first use."""
+    if name not in self.compiled:
+      self.compiled[name] = build()
+    return self.compiled[name]
 
 
 def _check_workdir(workdir: str) -> str:
@@ -130,7 +138,7 @@ def save_samples(samples: np.ndarray, directory: str, name: str = 'sample') -> s
 def _draw_samples(run: Run, sampling_fn, params, n: int, seed_offset: int):
   rng = jax.random.fold_in(jax.random.PRNGKey(run.config.seed), seed_offset)
   samples, nfe = sampling_fn(rng, params, run.state.model_state)
-  return np.asarray(jax.device_get(samples)), int(nfe)
+  return parallel.to_host(samples), int(nfe)  # every process gets all samples
 
 
 # ------------------------------------------------------------------------------------------------
@@ -173,7 +181,8 @@ def train(config, workdir: str) -> Dict[str, Any]:
   last_loss = float('nan')
 
   with checkpointing.TerminationFlag() as termination:
-    while step < t.n_iters and not termination.requested:
+    # All hosts stop at the same step, even when SIGTERM reached only some of them.
+    while step < t.n_iters and not parallel.any_process(termination.requested):
       before = step
       new_state, step_losses = train_step(run.state, _next_batches(run, train_iter, n))
       step_losses = np.asarray(jax.device_get(step_losses))
@@ -196,11 +205,13 @@ def train(config, workdir: str) -> Dict[str, Any]:
         checkpointing.save(meta, step, run.state)
       if _crossed(before, step, t.snapshot_freq) or step >= t.n_iters:
         _snapshot(run, snapshots, sampling_fn, step)
-    checkpointing.save(meta, step, run.state)  # the final or preempted state
+    if meta.latest_step() != step:  # the final or preempted state, unless just saved
+      checkpointing.save(meta, step, run.state)
   progress.close()
-  if termination.requested:
+  preempted = step < t.n_iters  # the loop only ends early on SIGTERM (on this host or another)
+  if preempted:
     logging.warning('SIGTERM received: saved step %d in %s and stopped.', step, meta.directory)
-  return {'step': step, 'loss': last_loss, 'preempted': termination.requested}
+  return {'step': step, 'loss': last_loss, 'preempted': preempted}
 
 
 def _snapshot(run: Run, snapshots, sampling_fn, step: int) -> None:
@@ -248,14 +259,14 @@ def _wait_for_snapshot(run: Run, snapshots, ckpt: int, timeout_s: float):
 
 def _eval_loss(run: Run, state) -> float:
   """Mean eval loss over one pass of the test split (padding masked out)."""
-  eval_step = losses.get_step_fn(run.config, run.sde, run.model, losses.get_optimizer(run.config),
-                                 train=False, mesh=run.mesh)
+  eval_step = run.get('eval_step', lambda: losses.get_step_fn(
+      run.config, run.sde, run.model, losses.get_optimizer(run.config), train=False, mesh=run.mesh))
   total, count = 0., 0.
   for i, batch in enumerate(datasets.get_dataset(run.config, split='test', evaluation=True)):
     sharded = parallel.shard_batch(run.mesh, {'image': run.scaler(batch['image']),
                                               'mask': batch['mask'].astype(np.float32)})
     rng = jax.random.fold_in(jax.random.PRNGKey(run.config.seed), i)
-    weight = float(batch['mask'].sum())
+    weight = float(parallel.to_host(sharded['mask']).sum())  # of the global batch
     total += float(eval_step(state, sharded, rng)) * weight
     count += weight
   return total / max(count, 1.)
@@ -268,20 +279,24 @@ def _bpd(run: Run, state) -> float:
   if not c.data.get('dim', None) and not c.data.uniform_dequantization:
     logging.warning('data.uniform_dequantization is off: bits/dim of discrete data is not a code '
                     'length and can be negative.')
-  likelihood_fn = likelihood.get_likelihood_fn(c, run.sde, run.model, run.inverse_scaler,
-                                               data_scaler=run.scaler)
+  likelihood_fn = run.get('likelihood', lambda: likelihood.get_likelihood_fn(
+      c, run.sde, run.model, run.inverse_scaler, data_scaler=run.scaler))
   # Several passes only make sense with fresh dequantization noise each time.
   repeats = int(c.eval.get('bpd_num_repeats', 1)) if c.data.uniform_dequantization else 1
-  total, count = 0., 0.
+  total, count, nfes, start = 0., 0., [], time.time()
   for repeat in range(repeats):
     for i, batch in enumerate(datasets.get_dataset(c, split=c.eval.bpd_dataset, evaluation=True,
                                                    dequant_seed=repeat)):
       x = parallel.shard_batch(run.mesh, run.scaler(batch['image']).astype(np.float32))
       rng = jax.random.fold_in(jax.random.PRNGKey(c.seed), repeat * 100003 + i)
-      bpd, _, _ = likelihood_fn(rng, state.ema_params, x, state.model_state)
-      mask = batch['mask']
-      total += float(np.sum(np.asarray(jax.device_get(bpd)) * mask))
+      bpd, _, nfe = likelihood_fn(rng, state.ema_params, x, state.model_state)
+      mask = parallel.to_host(parallel.shard_batch(run.mesh, batch['mask'].astype(np.float32)))
+      total += float(np.sum(parallel.to_host(bpd) * mask))
       count += float(mask.sum())
+      nfes.append(int(nfe))
+    logging.info('bits/dim pass %d/%d: %.4f so far (%d examples, mean NFE %.0f, %.0f s).',
+                 repeat + 1, repeats, total / max(count, 1.), count, np.mean(nfes),
+                 time.time() - start)
   return total / max(count, 1.)
 
 
@@ -291,16 +306,18 @@ def _sample_rounds(run: Run, state, ckpt_dir: str, extractor) -> Dict[str, np.nd
   c = run.config
   batch = int(c.eval.batch_size)
   n_rounds = int(np.ceil(c.eval.num_samples / batch))
-  sampling_fn = sampling.get_sampling_fn(c, run.sde, run.model, _sample_shape(run, batch),
-                                         run.inverse_scaler, run.eps, mesh=run.mesh)
-  feats = []
+  sampling_fn = run.get('sampling', lambda: sampling.get_sampling_fn(
+      c, run.sde, run.model, _sample_shape(run, batch), run.inverse_scaler, run.eps, mesh=run.mesh))
+  feats, start = [], time.time()
   for r in range(n_rounds):
     path = os.path.join(ckpt_dir, f'round_{r}.npz')
     if os.path.exists(path):
       with np.load(path) as f:
         feats.append({k: f[k] for k in ('pool', 'logits')} if extractor else {})
       continue
-    samples, _ = _draw_samples(run, sampling_fn, state.ema_params, batch, 1_000_003 * (r + 1))
+    samples, nfe = _draw_samples(run, sampling_fn, state.ema_params, batch, 1_000_003 * (r + 1))
+    logging.info('Sampling round %d/%d: %d samples, %d NFE (%.0f s).', r + 1, n_rounds, batch, nfe,
+                 time.time() - start)
     out = {'samples': samples}
     if extractor is not None:
       out.update({k: np.asarray(v) for k, v in jax.device_get(extractor[1](samples)).items()})
@@ -326,7 +343,10 @@ def _sample_quality(run: Run, state, ckpt_dir: str, extractor) -> Dict[str, floa
     return {}
   feats = _sample_rounds(run, state, ckpt_dir, extractor)
   stats = evaluation.get_data_stats(
-      c, run.workdir, extractor, lambda: datasets.get_dataset(c, split='train', evaluation=True))
+      c, run.workdir, extractor,
+      # Every process reads the whole split: the statistics are of all the data, on every host.
+      lambda: datasets.get_dataset(c, split='train', evaluation=True, process_index=0,
+                                   process_count=1))
   return evaluation.compute_metrics(feats, stats, kid_subset_size=min(1000, len(feats['pool'])))
 
 

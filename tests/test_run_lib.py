@@ -56,7 +56,9 @@ def _final_params(workdir):
 
 
 def test_main_trains_and_evaluates_toy(tmp_path):
-  out = _main(tmp_path, '--mode=train', '--config.training.n_iters=20', '--config.training.snapshot_freq=10')
+  # The last step is also a preemption checkpoint step: the final save must not write it twice.
+  out = _main(tmp_path, '--mode=train', '--config.training.n_iters=20', '--config.training.snapshot_freq=10',
+              '--config.training.snapshot_freq_for_preemption=10')
   assert 'train: step 20' in out
   lines = [json.loads(l) for l in open(tmp_path / 'metrics.jsonl')]
   assert [l['step'] for l in lines] == [5, 10, 15, 20] and all(np.isfinite(l['training_loss']) for l in lines)
