@@ -13,13 +13,16 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
+import sys
 import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from models import utils as mutils
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from models import utils as mutils  # noqa: E402  (after the path fix: run as a script)
 
 CONFIGS = ('vp/cifar10_ddpmpp_continuous', 've/cifar10_ncsnpp_continuous')
 

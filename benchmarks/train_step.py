@@ -69,21 +69,20 @@ def measure(config_name: str, n_jitted: int, seconds: float, batch_size: int = 0
   gflops_per_example = float(cost.get('flops', float('nan'))) / (n_jitted * batch) / 1e9
   state, loss = compiled(state, data)  # warm-up call
   jax.block_until_ready(loss)
-  calls, t0 = 0, time.perf_counter()
-  while True:
+  # Every call is waited for, so each has its own time: the median is robust to other load.
+  times, t0 = [], time.perf_counter()
+  while time.perf_counter() - t0 < seconds or len(times) < 3:
+    t1 = time.perf_counter()
     state, loss = compiled(state, data)
-    calls += 1
-    if calls % 5 == 0 or calls < 5:
-      jax.block_until_ready(loss)
-      elapsed = time.perf_counter() - t0
-      if elapsed > seconds and calls >= 3:
-        break
-  steps_per_s = calls * n_jitted / elapsed
+    jax.block_until_ready(loss)
+    times.append(time.perf_counter() - t1)
+  steps_per_s = len(times) * n_jitted / sum(times)
+  median_ms = 1e3 * float(np.median(times)) / n_jitted
   return dict(config=config_name, n_jitted=n_jitted, batch=batch, params=n_params,
               nf=int(config.model.get('nf', 0)), gflops_per_example=gflops_per_example,
               devices=jax.device_count(), backend=jax.default_backend(), compile_s=compile_s,
               steps_per_s=steps_per_s, examples_per_s=steps_per_s * batch,
-              ms_per_step=1e3 / steps_per_s, finite=bool(np.all(np.isfinite(np.asarray(loss)))),
+              ms_per_step=median_ms, calls=len(times), finite=bool(np.all(np.isfinite(np.asarray(loss)))),
               peak_rss_mb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
 
 
@@ -123,14 +122,15 @@ def main() -> None:
   print(f'\nbackend {rows[0]["backend"]}, {rows[0]["devices"]} device(s), os.cpu_count() = '
         f'{os.cpu_count()}')
   header = ('config', 'nf', 'n_jit', 'batch', 'params', 'GFLOP/ex', 'compile s', 'steps/s',
-            'ms/step', 'ex/s', 'peak RSS MB')
+            'median ms/step', 'ex/s', 'GFLOP/s', 'peak RSS MB')
   print('| ' + ' | '.join(header) + ' |')
   print('|' + '---|' * len(header))
   for r in rows:
     print(f'| {r["config"]} | {r["nf"]} | {r["n_jitted"]} | {r["batch"]} | {r["params"]:,} | '
           f'{r["gflops_per_example"]:.3g} | '
           f'{r["compile_s"]:.1f} | {r["steps_per_s"]:.1f} | {r["ms_per_step"]:.1f} | '
-          f'{r["examples_per_s"]:.0f} | {r["peak_rss_mb"]:.0f} |')
+          f'{r["examples_per_s"]:.1f} | {r["gflops_per_example"] * r["examples_per_s"]:.0f} | '
+          f'{r["peak_rss_mb"]:.0f} |')
 
 
 if __name__ == '__main__':
