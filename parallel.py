@@ -77,7 +77,6 @@ def shard_batch(mesh: Mesh, local_batch: Any, leading_axes: int = 0) -> Any:
   return jax.tree_util.tree_map(put, local_batch)
 
 
-
 def to_host(x: Any) -> Any:
   """The full value of (a pytree of) global arrays as numpy on every process.
 
