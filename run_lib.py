@@ -287,11 +287,12 @@ def _bpd(run: Run, state) -> float:
   for repeat in range(repeats):
     for i, batch in enumerate(datasets.get_dataset(c, split=c.eval.bpd_dataset, evaluation=True,
                                                    dequant_seed=repeat)):
-      x = parallel.shard_batch(run.mesh, run.scaler(batch['image']).astype(np.float32))
+      x, mask = parallel.shard_batch(run.mesh, (run.scaler(batch['image']).astype(np.float32),
+                                                batch['mask'].astype(np.float32)))
       rng = jax.random.fold_in(jax.random.PRNGKey(c.seed), repeat * 100003 + i)
       bpd, _, nfe = likelihood_fn(rng, state.ema_params, x, state.model_state)
-      mask = parallel.to_host(parallel.shard_batch(run.mesh, batch['mask'].astype(np.float32)))
-      total += float(np.sum(parallel.to_host(bpd) * mask))
+      bpd, mask = parallel.to_host((bpd, mask))  # of the global batch, on every process
+      total += float(np.sum(bpd * mask))
       count += float(mask.sum())
       nfes.append(int(nfe))
     logging.info('bits/dim pass %d/%d: %.4f so far (%d examples, mean NFE %.0f, %.0f s).',

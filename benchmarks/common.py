@@ -1,4 +1,5 @@
-"""Shared benchmark helpers: the D = 192 diagonal-Gaussian problem and compiled-call timing."""
+"""Shared benchmark helpers: the D = 192 diagonal-Gaussian problem, compiled-call timing and
+XLA's FLOP count. Importing it puts the repository root on sys.path (benchmarks run as scripts)."""
 from __future__ import annotations
 
 import os
@@ -33,6 +34,14 @@ def time_compiled(fn: Callable, *args, repeats: int = 3) -> Tuple[float, float, 
     times.append(time.perf_counter() - t0)
   med = statistics.median(times)
   return first - med, med, out
+
+
+def xla_flops(compiled) -> float:
+  """FLOPs of a compiled jax program by XLA's cost analysis (NaN where the backend gives none)."""
+  cost = compiled.cost_analysis()
+  if isinstance(cost, (list, tuple)):  # older JAX returns one dict per device
+    cost = cost[0]
+  return float(cost.get('flops', float('nan')))
 
 
 def count_score_calls(score_fn: Callable) -> Tuple[Callable, list]:

@@ -9,26 +9,19 @@ Prints a table; no assertions.
 """
 from __future__ import annotations
 
-import time
-
 import jax
 import jax.numpy as jnp
-import numpy as np
+
+from common import time_compiled
 
 # (batch, height = width, channels in = out): nf 32 at batch 8 and nf 128 at batch 4, per level.
 SHAPES = ((8, 32, 32), (8, 32, 64), (8, 16, 64), (8, 8, 64), (4, 32, 128), (4, 16, 256),
           (4, 8, 256))
 
 
-def median_s(fn, *args, n: int = 10) -> float:
-  """Median wall time of `n` waited-for calls of `fn(*args)` after one warm-up call."""
-  jax.block_until_ready(fn(*args))
-  times = []
-  for _ in range(n):
-    t0 = time.perf_counter()
-    jax.block_until_ready(fn(*args))
-    times.append(time.perf_counter() - t0)
-  return float(np.median(times))
+def median_s(fn, *args) -> float:
+  """Median seconds of 10 compiled calls of `fn(*args)`."""
+  return time_compiled(fn, *args, repeats=10)[1]
 
 
 def conv(x: jax.Array, w: jax.Array) -> jax.Array:

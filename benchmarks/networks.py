@@ -13,25 +13,16 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import os
-import sys
 import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from models import utils as mutils  # noqa: E402  (after the path fix: run as a script)
+from common import xla_flops  # also puts the repository root on sys.path
+from models import utils as mutils
 
 CONFIGS = ('vp/cifar10_ddpmpp_continuous', 've/cifar10_ncsnpp_continuous')
-
-
-def _flops(compiled) -> float:
-  cost = compiled.cost_analysis()
-  if isinstance(cost, (list, tuple)):  # older JAX returns one dict per device
-    cost = cost[0]
-  return float(cost.get('flops', float('nan')))
 
 
 def measure(config_name: str, nf: int, batch: int) -> dict:
@@ -58,8 +49,8 @@ def measure(config_name: str, nf: int, batch: int) -> dict:
   t1 = time.time()
   bwd = jax.jit(jax.value_and_grad(loss)).lower(params, x, y, key).compile()
   t2 = time.time()
-  return dict(config=config_name, nf=nf, params=n_params, fwd_gflops=_flops(fwd) / batch / 1e9,
-              fwd_bwd_gflops=_flops(bwd) / batch / 1e9, compile_s=(t1 - t0, t2 - t1))
+  return dict(config=config_name, nf=nf, params=n_params, fwd_gflops=xla_flops(fwd) / batch / 1e9,
+              fwd_bwd_gflops=xla_flops(bwd) / batch / 1e9, compile_s=(t1 - t0, t2 - t1))
 
 
 def main() -> None:

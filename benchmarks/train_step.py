@@ -43,6 +43,7 @@ def measure(config_name: str, n_jitted: int, seconds: float, batch_size: int = 0
   import losses
   import parallel
   import sde_lib
+  from common import xla_flops
   from models import utils as mutils
 
   config = importlib.import_module('configs.' + config_name.replace('/', '.')).get_config()
@@ -64,9 +65,7 @@ def measure(config_name: str, n_jitted: int, seconds: float, batch_size: int = 0
   t0 = time.perf_counter()
   compiled = step.jitted.lower(state, data).compile()
   compile_s = time.perf_counter() - t0
-  cost = compiled.cost_analysis()
-  cost = cost[0] if isinstance(cost, (list, tuple)) else cost  # older JAX: one dict per device
-  gflops_per_example = float(cost.get('flops', float('nan'))) / (n_jitted * batch) / 1e9
+  gflops_per_example = xla_flops(compiled) / (n_jitted * batch) / 1e9
   state, loss = compiled(state, data)  # warm-up call
   jax.block_until_ready(loss)
   # Every call is waited for, so each has its own time: the median is robust to other load.
