@@ -1,16 +1,14 @@
 """Log-likelihoods by the probability-flow ODE, and bits/dim.
 
 log p_0(x) = log p_T(x(T)) + int_0^T div f~(x(t), t) dt, with f~ = f - g^2 s / 2 the ODE drift
-(d log p(x(t)) / dt = -div f~ along the flow). The state (x, int div) is integrated from eps to T in
-ONE diffrax solve inside jit. The drift and its divergence estimate come from ONE network evaluation
-per function evaluation: `jax.linearize` evaluates the drift once and returns its Jacobian-vector
-product, which is then applied to each probe (Hutchinson: div f = E[v^T J v] for Rademacher or
-Gaussian v) or to every basis vector (`trace='exact'`, for small dimensions). The original evaluated
-the network twice per evaluation (drift, then divergence) on the host with scipy.
+(d log p(x(t)) / dt = -div f~ along the flow; Song et al. 2021, eq. 39). The state (x, int div) is
+integrated from eps to T in ONE diffrax solve inside jit (`ode.ode_log_likelihood`), with the
+drift and its divergence estimate from ONE network evaluation per function evaluation
+(Hutchinson's estimator with Rademacher or Gaussian probes, or the exact trace for small
+dimensions). The original evaluated the network twice per evaluation on the host with scipy.
 """
 from __future__ import annotations
 
-import functools
 import warnings
 from typing import Callable, Optional, Sequence, Tuple
 
@@ -18,76 +16,33 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+import ode
 import sde_lib
-from sampling import _check_eps, _check_tol, solve_ode, ODE_SOLVERS
+from ode import TRACE_ESTIMATORS, drift_and_divergence  # noqa: F401  (public here too)
 
 Array = jax.Array
 ScoreFn = Callable[[Array, Array], Array]
-
-TRACE_ESTIMATORS = ('rademacher', 'gaussian', 'exact')
-
-
-def _probes(rng: Array, trace: str, n_probes: int, x: Array) -> Array:
-  """Probe vectors [P, *x.shape]: Hutchinson noise, or the D basis vectors (same for each example)."""
-  if trace == 'exact':
-    d = int(np.prod(x.shape[1:]))
-    basis = jnp.eye(d, dtype=x.dtype).reshape((d, 1) + x.shape[1:])
-    return jnp.broadcast_to(basis, (d,) + x.shape)
-  shape = (n_probes,) + x.shape
-  if trace == 'gaussian':
-    return jax.random.normal(rng, shape, x.dtype)
-  return jax.random.rademacher(rng, shape, x.dtype)
-
-
-def drift_and_divergence(drift_fn: Callable[[Array], Array], x: Array, probes: Array,
-                         exact: bool = False) -> Tuple[Array, Array]:
-  """drift_fn(x) and its divergence per example [B] from one evaluation of drift_fn.
-
-  Hutchinson: the mean over probes of v^T J v. Exact: the sum over the basis of e_j^T J e_j (each
-  example's Jacobian block is its own: networks do not mix examples at evaluation)."""
-  drift, jvp_fn = jax.linearize(drift_fn, x)
-  vjv = jax.vmap(lambda v: sde_lib._flat_sum(v * jvp_fn(v)))(probes)  # [P, B]
-  return drift, (jnp.sum(vjv, 0) if exact else jnp.mean(vjv, 0))
 
 
 def log_likelihood(rng: Array, sde: sde_lib.SDE, score_fn: ScoreFn, x: Array, *,
                    rtol: float = 1e-5, atol: float = 1e-5, eps: float = 1e-5,
                    trace: str = 'rademacher', n_probes: int = 1, solver: str = 'tsit5',
                    max_steps: int = 4096) -> Tuple[Array, Array, Array]:
-  """Per-example log-density (nats) of x under the probability-flow ODE model.
+  """Per-example log-density (nats) of x [B, ...] under the probability-flow ODE model.
 
-  Integrates from eps to T; returns (logp [B], z = x(T), nfe). The probes are drawn once and held
-  fixed over the solve (the integrand must be smooth in t for the adaptive solver)."""
-  if trace not in TRACE_ESTIMATORS:
-    raise ValueError(f'Unknown trace estimator {trace!r}; valid choices: {list(TRACE_ESTIMATORS)}.')
-  if int(n_probes) != n_probes or n_probes < 1:
-    raise ValueError(f'n_probes must be a positive integer, got {n_probes!r}.')
-  if x.ndim < 2:
-    raise ValueError(f'x must be a batch [B, ...] with at least 2 axes, got shape {tuple(x.shape)}.')
-  eps, rtol, atol = _check_eps(eps, sde), _check_tol('rtol', rtol), _check_tol('atol', atol)
-  ODE_SOLVERS.get(solver)
-  return _log_likelihood_jit(rng, x, sde=sde, score_fn=score_fn, rtol=rtol, atol=atol, eps=eps,
-                             trace=trace, n_probes=int(n_probes), solver=solver,
-                             max_steps=int(max_steps))
-
-
-@functools.partial(jax.jit, static_argnames=('sde', 'score_fn', 'rtol', 'atol', 'eps', 'trace',
-                                             'n_probes', 'solver', 'max_steps'))
-def _log_likelihood_jit(rng, x, *, sde, score_fn, rtol, atol, eps, trace, n_probes, solver, max_steps):
-  flow = sde.reverse(score_fn, probability_flow=True)
-  probes = _probes(rng, trace, n_probes, x)
-  batch = x.shape[0]
-
-  def vector_field(t, state):
-    y, _ = state
-    vec_t = jnp.full((batch,), t, y.dtype)
-    drift, div = drift_and_divergence(lambda v: flow.sde(v, vec_t)[0], y, probes, trace == 'exact')
-    return drift, div
-
-  init = (x, jnp.zeros((batch,), x.dtype))
-  (z, delta_logp), nfe = solve_ode(vector_field, init, eps, sde.T, rtol=rtol, atol=atol,
-                                   solver=solver, max_steps=max_steps)
-  return sde.prior_logp(z) + delta_logp, z, nfe
+  Integrates from eps to T; returns (logp [B], z = x(T), nfe). Raises ValueError for bad
+  arguments or non-finite x (before tracing) and ode.ODESolveError when the solve does not
+  finish."""
+  eps, rtol, atol, max_steps = ode.check_likelihood_args(
+      sde, x, rtol=rtol, atol=atol, eps=eps, trace=trace, n_probes=n_probes, solver=solver,
+      max_steps=max_steps)
+  ode.check_finite(x)
+  logp, z, nfe, failed = ode.ode_log_likelihood(
+      rng, x, sde=sde, score_fn=score_fn, rtol=rtol, atol=atol, eps=eps, trace=trace,
+      n_probes=int(n_probes), solver=solver, max_steps=max_steps)
+  ode.raise_if_failed(failed, 'the log-likelihood', solver=solver, rtol=rtol, atol=atol,
+                      max_steps=max_steps)
+  return logp, z, nfe
 
 
 def bpd_offset(n_bits: int = 8, data_scaler: Optional[Callable[[Array], Array]] = None) -> float:
@@ -129,12 +84,15 @@ def get_likelihood_fn(config, sde: sde_lib.SDE, model, inverse_scaler=None, *,
   """likelihood_fn(rng, params, x, model_state=None) -> (bpd [B], z, nfe) for a config's network.
 
   x is the batch in the model's (scaled) space. The offset follows config.data (8-bit images,
-  centering) unless `data_scaler` is given; vector toy data get offset 0 (bpd = nats / ln 2 / D)."""
+  centering) unless `data_scaler` is given; vector toy data get offset 0 (bpd = nats / ln 2 / D).
+  Raises ValueError for non-finite x and ode.ODESolveError when a solve does not finish."""
   del inverse_scaler  # the offset needs the forward scaler's slope only
   from models import utils as mutils
-  if trace not in TRACE_ESTIMATORS:
-    raise ValueError(f'Unknown trace estimator {trace!r}; valid choices: {list(TRACE_ESTIMATORS)}.')
   rtol, atol = config.eval.get('rtol', 1e-5), config.eval.get('atol', 1e-5)
+  solver, max_steps = config.eval.get('ode_solver', 'tsit5'), 4096
+  eps, rtol, atol, max_steps = ode.check_likelihood_args(
+      sde, np.zeros((1, 1)), rtol=rtol, atol=atol, eps=eps, trace=trace, n_probes=n_probes,
+      solver=solver, max_steps=max_steps)
   is_image = not config.data.get('dim', None)
   if is_image:
     scaler = data_scaler or ((lambda v: 2 * v - 1) if config.data.centered else (lambda v: v))
@@ -142,11 +100,21 @@ def get_likelihood_fn(config, sde: sde_lib.SDE, model, inverse_scaler=None, *,
   else:
     offset = 0.0
 
-  def likelihood_fn(rng, params, x, model_state=None):
+  @jax.jit
+  def jitted(rng, params, x, model_state):
     score_fn = mutils.get_score_fn(sde, model, params, model_state, train=False,
                                    continuous=config.training.continuous)
-    logp, z, nfe = log_likelihood(rng, sde, score_fn, x, rtol=rtol, atol=atol, eps=eps, trace=trace,
-                                  n_probes=n_probes)
-    return bits_per_dim(logp, x.shape, offset), z, nfe
+    logp, z, nfe, failed = ode.ode_log_likelihood(
+        rng, x, sde=sde, score_fn=score_fn, rtol=rtol, atol=atol, eps=eps, trace=trace,
+        n_probes=int(n_probes), solver=solver, max_steps=max_steps)
+    return bits_per_dim(logp, x.shape, offset), z, nfe, failed
 
-  return jax.jit(likelihood_fn)
+  def likelihood_fn(rng, params, x, model_state=None):
+    ode.check_finite(x)
+    bpd, z, nfe, failed = jitted(rng, params, x, model_state)
+    ode.raise_if_failed(failed, 'the log-likelihood', solver=solver, rtol=rtol, atol=atol,
+                        max_steps=max_steps)
+    return bpd, z, nfe
+
+  likelihood_fn.jitted = jitted
+  return likelihood_fn

@@ -3,8 +3,8 @@
 Losses (semantics of the original score_sde losses.py):
 - continuous denoising score matching for VE / VP / sub-VP (`get_sde_loss_fn`), optionally with
   the likelihood weighting lambda(t) = g(t)^2 and importance sampling of t for it;
-- the discrete SMLD (NCSN) loss over the SMLD noise levels (`get_smld_loss_fn`);
-- the discrete DDPM noise-prediction loss (`get_ddpm_loss_fn`).
+- the discrete loss of the SDE's chain (`get_discrete_loss_fn`): SMLD (NCSN) over the SMLD noise
+  levels for VE, DDPM noise prediction for VP.
 
 Every loss fn is `loss_fn(rng, params, model_state, batch) -> (loss, new_model_state)`, the loss
 being a mean over the GLOBAL batch: under `jax.jit` with a batch sharded over the mesh, the mean
@@ -30,7 +30,6 @@ import numpy as np
 import optax
 
 import parallel
-import sde_lib
 from models import utils as mutils
 from sde_lib import batch_mul
 
@@ -125,61 +124,20 @@ def _reduce(x: Array, reduce_mean: bool) -> Array:
   return jnp.mean(x, axis=-1) if reduce_mean else 0.5 * jnp.sum(x, axis=-1)
 
 
-def _check_sde(sde) -> None:
-  if not isinstance(sde, (sde_lib.VESDE, sde_lib.VPSDE, sde_lib.subVPSDE)):
-    raise ValueError(f'Unsupported SDE {type(sde).__name__}; valid: VESDE, VPSDE, subVPSDE.')
-
-
-def _integrated_beta_inverse(sde, big_b: Array) -> Array:
-  """t with B(t) = beta_0 t + (beta_1 - beta_0) t^2 / 2 = big_b (the root in [0, inf))."""
-  # 2B / (b0 + sqrt(b0^2 + 2 (b1 - b0) B)): the quadratic's root without cancellation.
-  return 2. * big_b / (sde.beta_0 + jnp.sqrt(sde.beta_0 ** 2 + 2. * (sde.beta_1 - sde.beta_0) * big_b))
-
-
-def _likelihood_weight_primitive(sde, t, xp=jnp):
-  """R(t), a primitive of lambda(t) / std(t)^2 = g(t)^2 / std(t)^2 (closed form per SDE).
-
-  With B(t) = int_0^t beta (so mean coefficient a = exp(-B / 2)):
-  - VE: g^2 / sigma^2 = 2 log(sigma_max / sigma_min), a constant, so R = 2 log(ratio) t;
-  - VP: beta / (1 - e^{-B}) = d/dt log(e^B - 1), so R = log(expm1(B));
-  - sub-VP: beta (1 - e^{-2B}) / (1 - e^{-B})^2 = B' (1 + 2 / (e^B - 1)), so
-    R = B + 2 log(1 - e^{-B}).
-  """
-  if isinstance(sde, sde_lib.VESDE):
-    return 2. * np.log(sde.sigma_max / sde.sigma_min) * t
-  big_b = sde.beta_0 * t + 0.5 * (sde.beta_1 - sde.beta_0) * t ** 2
-  if isinstance(sde, sde_lib.VPSDE):
-    return xp.log(xp.expm1(big_b))
-  return big_b + 2. * xp.log(-xp.expm1(-big_b))
-
-
-def _likelihood_weight_primitive_inverse(sde, y: Array) -> Array:
-  """t with R(t) = y, the inverse of `_likelihood_weight_primitive` (closed form per SDE)."""
-  if isinstance(sde, sde_lib.VESDE):
-    return y / (2. * np.log(sde.sigma_max / sde.sigma_min))
-  if isinstance(sde, sde_lib.VPSDE):
-    big_b = jnp.logaddexp(y, 0.)  # e^B - 1 = e^y  =>  B = log(1 + e^y)
-  else:
-    # With x = e^{-B}, c = e^y: (1 - x)^2 / x = c, x^2 - (2 + c) x + 1 = 0; the root in (0, 1)
-    # is 1 / x_big, x_big = (2 + c + sqrt(c (c + 4))) / 2, so B = log1p((c + sqrt(c (c + 4))) / 2).
-    c = jnp.exp(y)
-    big_b = jnp.log1p(0.5 * (c + jnp.sqrt(c * (c + 4.))))
-  return _integrated_beta_inverse(sde, big_b)
-
-
 def sample_importance_times(rng: Array, sde, n: int, eps: float = 1e-5) -> Tuple[Array, float]:
   """n times from r(t) proportional to lambda(t) / std(t)^2 on [eps, T], and the weight Z / (T - eps).
 
-  Inverse-CDF sampling in closed form: t = R^{-1}(R(eps) + u (R(T) - R(eps))), u ~ U(0, 1), with
-  R the primitive of `_likelihood_weight_primitive` and Z = R(T) - R(eps). For a uniform draw the
+  Inverse-CDF sampling in closed form (Song et al. 2021b, "Maximum likelihood training of
+  score-based diffusion models", Sec. 5): t = R^{-1}(R(eps) + u (R(T) - R(eps))), u ~ U(0, 1),
+  with R = `sde.likelihood_weight_primitive` and Z = R(T) - R(eps). For a uniform draw the
   likelihood-weighted integrand is lambda(t) / std^2 * h(t); under r it becomes
   lambda / std^2 * h / ((T - eps) r(t)) = Z / (T - eps) * h(t): a constant weight, which keeps
   the expectation unchanged and removes the 1 / t blow-up of the weight near t = 0 (VP, sub-VP).
   """
-  _check_sde(sde)
-  r_lo, r_hi = (float(_likelihood_weight_primitive(sde, np.float64(s), np)) for s in (eps, sde.T))
+  eps = sde.check_time(eps)
+  r_lo, r_hi = (float(sde.likelihood_weight_primitive(np.float64(s), np)) for s in (eps, sde.T))
   u = jax.random.uniform(rng, (n,))
-  t = _likelihood_weight_primitive_inverse(sde, r_lo + u * (r_hi - r_lo))
+  t = sde.likelihood_weight_primitive_inverse(r_lo + u * (r_hi - r_lo))
   return jnp.clip(t, eps, sde.T), (r_hi - r_lo) / (sde.T - eps)
 
 
@@ -192,6 +150,7 @@ def dsm_losses(rng: Array, sde, score_fn: ScoreFn, x: Array, *, reduce_mean: boo
   reduce((score * std + z)^2), times g(t)^2 / std^2 with likelihood weighting, i.e. the
   original's reduce((score + z / std)^2) g^2 written without dividing by a tiny std.
   """
+  eps = sde.check_time(eps)
   if importance_sampling and not likelihood_weighting:
     raise ValueError('importance_sampling samples t for the likelihood weighting; set '
                      'likelihood_weighting=True as well.')
@@ -212,32 +171,25 @@ def dsm_losses(rng: Array, sde, score_fn: ScoreFn, x: Array, *, reduce_mean: boo
   return losses
 
 
-def smld_losses(rng: Array, vesde: sde_lib.VESDE, model_fn: ModelFn, x: Array, *,
-                reduce_mean: bool = False) -> Array:
-  """Per-example discrete SMLD (NCSN) losses [B]: a uniform level i of the descending sigmas.
+def discrete_losses(rng: Array, sde, model_fn: ModelFn, x: Array, *, reduce_mean: bool = True) -> Array:
+  """Per-example losses [B] of the SDE's discrete chain: a uniform level i in [0, N).
 
-  The network sees the level index i and outputs the score; the loss is
-  reduce((score - target)^2) sigma_i^2 with target -noise / sigma_i^2, written as
-  reduce((score sigma_i + z)^2), the same number.
+  x_i = alpha_i x + sigma_i z with the chain's (alpha_i, sigma_i) (`sde.discrete_coeffs`), the
+  network sees `sde.discrete_labels(i)`, and the loss is reduce((score sigma_i + z)^2) with the
+  score from `sde.score_from_output`. This is the SMLD (NCSN) loss reduce((s - target)^2)
+  sigma_i^2 with target -z / sigma_i (Song & Ermon 2019, eq. 5) for a score network, and the DDPM
+  loss reduce((eps_theta - z)^2) (Ho et al. 2020, eq. 14) for a noise-predicting one. The
+  original used reduce_mean=False (half sum) for SMLD and True for DDPM.
   """
-  sigmas = jnp.asarray(vesde.discrete_sigmas[::-1], x.dtype)  # descending: label 0 is sigma_max
+  if not sde.has_discrete_chain:
+    raise ValueError(f'{type(sde).__name__} has no discrete chain; use the continuous loss.')
   i_rng, z_rng = jax.random.split(rng)
-  labels = jax.random.randint(i_rng, (x.shape[0],), 0, vesde.N)
-  sigma = sigmas[labels]
+  i = jax.random.randint(i_rng, (x.shape[0],), 0, sde.N)
+  alpha, sigma = (c.astype(x.dtype) for c in sde.discrete_coeffs(i))
   z = jax.random.normal(z_rng, x.shape, x.dtype)
-  score = model_fn(x + batch_mul(sigma, z), labels)
+  score = sde.score_from_output(model_fn(batch_mul(alpha, x) + batch_mul(sigma, z), sde.discrete_labels(i)),
+                                sigma)
   return _reduce(jnp.square(batch_mul(sigma, score) + z), reduce_mean)
-
-
-def ddpm_losses(rng: Array, vpsde: sde_lib.VPSDE, model_fn: ModelFn, x: Array, *,
-                reduce_mean: bool = True) -> Array:
-  """Per-example discrete DDPM losses [B]: reduce((eps_theta(x_i, i) - z)^2), i uniform in [0, N)."""
-  i_rng, z_rng = jax.random.split(rng)
-  labels = jax.random.randint(i_rng, (x.shape[0],), 0, vpsde.N)
-  a = jnp.asarray(vpsde.sqrt_alphas_cumprod, x.dtype)[labels]
-  s = jnp.asarray(vpsde.sqrt_1m_alphas_cumprod, x.dtype)[labels]
-  z = jax.random.normal(z_rng, x.shape, x.dtype)
-  return _reduce(jnp.square(model_fn(batch_mul(a, x) + batch_mul(s, z), labels) - z), reduce_mean)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -271,8 +223,8 @@ def _network_loss_fn(per_example: Callable[[Array, Any, Any, Array, Array], Arra
 def get_sde_loss_fn(sde, model, train: bool, reduce_mean: bool = True, continuous: bool = True,
                     likelihood_weighting: bool = False, importance_sampling: bool = False,
                     eps: float = 1e-5) -> LossFn:
-  """The continuous denoising score-matching loss of `model` under a VE / VP / sub-VP SDE."""
-  _check_sde(sde)
+  """The continuous denoising score-matching loss of `model` under `sde` (any SDE)."""
+  eps = sde.check_time(eps)
   if importance_sampling and not likelihood_weighting:
     raise ValueError('importance_sampling samples t for the likelihood weighting; set '
                      'training.likelihood_weighting=True as well.')
@@ -287,33 +239,22 @@ def get_sde_loss_fn(sde, model, train: bool, reduce_mean: bool = True, continuou
   return _network_loss_fn(per_example)
 
 
-def get_smld_loss_fn(vesde: sde_lib.VESDE, model, train: bool, reduce_mean: bool = False) -> LossFn:
-  """The discrete SMLD (NCSN) loss of `model` over the descending sigmas of a VESDE."""
-  if not isinstance(vesde, sde_lib.VESDE):
-    raise ValueError(f'The SMLD loss needs a VESDE, got {type(vesde).__name__}.')
+def get_discrete_loss_fn(sde, model, train: bool, reduce_mean: bool = True) -> LossFn:
+  """The discrete-chain loss of `model` (SMLD for a VESDE, DDPM for a VPSDE): `discrete_losses`."""
+  if not sde.has_discrete_chain:
+    raise ValueError(f'Discrete training (training.continuous=False) needs an SDE with a discrete '
+                     f'chain (VESDE: SMLD, VPSDE: DDPM), not {type(sde).__name__}; set '
+                     f'training.continuous=True.')
 
   def per_example(rng, params, model_state, dropout_rng, x):
     model_fn = mutils.get_model_fn(model, params, model_state, train=train, rng=dropout_rng)
-    return smld_losses(rng, vesde, model_fn, x, reduce_mean=reduce_mean)
-
-  return _network_loss_fn(per_example)
-
-
-def get_ddpm_loss_fn(vpsde: sde_lib.VPSDE, model, train: bool, reduce_mean: bool = True) -> LossFn:
-  """The discrete DDPM noise-prediction loss of `model` over the N steps of a VPSDE."""
-  if not isinstance(vpsde, sde_lib.VPSDE):
-    raise ValueError(f'The DDPM loss needs a VPSDE, got {type(vpsde).__name__}.')
-
-  def per_example(rng, params, model_state, dropout_rng, x):
-    model_fn = mutils.get_model_fn(model, params, model_state, train=train, rng=dropout_rng)
-    return ddpm_losses(rng, vpsde, model_fn, x, reduce_mean=reduce_mean)
+    return discrete_losses(rng, sde, model_fn, x, reduce_mean=reduce_mean)
 
   return _network_loss_fn(per_example)
 
 
 def get_loss_fn(config, sde, model, train: bool) -> LossFn:
-  """The loss that config.training selects: continuous SDE loss, or discrete SMLD / DDPM."""
-  _check_sde(sde)
+  """The loss that config.training selects: continuous SDE loss, or the discrete chain's."""
   tc = config.training
   likelihood_weighting = bool(tc.likelihood_weighting)
   importance_sampling = bool(tc.get('importance_sampling', False))
@@ -324,12 +265,7 @@ def get_loss_fn(config, sde, model, train: bool) -> LossFn:
   if likelihood_weighting or importance_sampling:
     raise ValueError('Likelihood weighting and importance sampling need continuous training '
                      '(training.continuous=True); the discrete SMLD / DDPM losses have neither.')
-  if isinstance(sde, sde_lib.VESDE):
-    return get_smld_loss_fn(sde, model, train, reduce_mean=tc.reduce_mean)
-  if isinstance(sde, sde_lib.VPSDE):
-    return get_ddpm_loss_fn(sde, model, train, reduce_mean=tc.reduce_mean)
-  raise ValueError(f'Discrete training (training.continuous=False) exists for VESDE (SMLD) and '
-                   f'VPSDE (DDPM) only, not {type(sde).__name__}; set training.continuous=True.')
+  return get_discrete_loss_fn(sde, model, train, reduce_mean=tc.reduce_mean)
 
 
 # ------------------------------------------------------------------------------------------------

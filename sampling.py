@@ -1,25 +1,31 @@
 """Samplers of the reverse-time SDE and the probability-flow ODE.
 
-- `pc_sample`: predictor-corrector sampling (Song et al. 2021, Alg. 1-3); the whole loop over the N
-  time steps is one `lax.scan` inside `jax.jit`: no host round trip per step.
-- `ode_sample`: the probability-flow ODE solved by an adaptive Runge-Kutta solver (diffrax) inside
-  jit. Over a batch sharded across devices the solve is one program, so the error norm and the step
-  count are global: devices never take different numbers of steps.
+- `pc_sample`: predictor-corrector sampling (Song et al. 2021, Alg. 1-3) over the N steps of the
+  SDE; the whole loop is one `lax.scan` inside `jax.jit`: no host round trip per step.
+- `fast_sample`: 10-30-evaluation solvers (DDIM, EDM Heun, DPM-Solver, DPM-Solver++, UniPC; see
+  `fast_solvers.py`) over a time grid built by `time_grid`.
+- `ode_sample`, `ode_encode`: the probability-flow ODE with an adaptive solver (`ode.py`).
 - `get_sampling_fn`: the config-driven path for a trained network.
 
-Every sampler returns `(samples, nfe)`, nfe being the number of score-function evaluations.
+Every sampler returns `(samples, nfe)`, nfe being the number of score-function evaluations; each
+registered predictor, corrector and solver declares its evaluation count with its registry entry.
+Guidance (classifier, classifier-free) is a transform of the score function: every sampler takes
+any `score_fn(x, t)`.
 """
 from __future__ import annotations
 
 import functools
 from typing import Callable, Optional, Sequence, Tuple
 
-import diffrax
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+import fast_solvers
+import ode
 import sde_lib
+from ode import ODE_SOLVERS, ode_encode, ode_sample  # noqa: F401  (public here: contract 3)
+from ode import check_shape as _check_shape
 from registry import Registry
 from sde_lib import batch_mul
 
@@ -29,15 +35,22 @@ ScoreFn = Callable[[Array, Array], Array]
 PREDICTORS: Registry[Callable] = Registry('predictor')
 CORRECTORS: Registry[Callable] = Registry('corrector')
 
-# Score evaluations per call of a predictor, or per corrector step.
-_NFE_PER_CALL = {'none': 0}
+
+def _register(registry: Registry, name: str, nfe: int):
+  """Registers a predictor / corrector with its score evaluations per call (per corrector step)."""
+
+  def decorator(fn):
+    fn.nfe = nfe
+    return registry.register(fn, name=name)
+
+  return decorator
 
 
 # --------------------------------------------------------------------------------------------
 # Predictors: (rng, x, t, sde, score_fn, probability_flow) -> (x, x_mean), t of shape [B].
 # --------------------------------------------------------------------------------------------
 
-@PREDICTORS.register(name='euler_maruyama')
+@_register(PREDICTORS, 'euler_maruyama', nfe=1)
 def euler_maruyama(rng, x, t, sde, score_fn, probability_flow=False):
   """One Euler-Maruyama step of the reverse SDE (or Euler step of the ODE) with dt = -T/N."""
   dt = -sde.T / sde.N
@@ -46,54 +59,26 @@ def euler_maruyama(rng, x, t, sde, score_fn, probability_flow=False):
   return x_mean + batch_mul(diffusion * np.sqrt(-dt), jax.random.normal(rng, x.shape, x.dtype)), x_mean
 
 
-@PREDICTORS.register(name='reverse_diffusion')
+@_register(PREDICTORS, 'reverse_diffusion', nfe=1)
 def reverse_diffusion(rng, x, t, sde, score_fn, probability_flow=False):
-  """One step of the reverse of the forward discretization: x - rev_f + rev_G z."""
+  """One step of the reverse of the forward discretization: x - rev_f + rev_G z (Song et al.
+  2021, eq. 46)."""
   rev_f, rev_G = sde.reverse(score_fn, probability_flow).discretize(x, t)
   x_mean = x - rev_f
   return x_mean + batch_mul(rev_G, jax.random.normal(rng, x.shape, x.dtype)), x_mean
 
 
-@PREDICTORS.register(name='ancestral_sampling')
+@_register(PREDICTORS, 'ancestral_sampling', nfe=1)
 def ancestral_sampling(rng, x, t, sde, score_fn, probability_flow=False):
-  """Ancestral sampling of the discrete chain (SMLD for VE, DDPM for VP; see `_ancestral_params`)."""
+  """Ancestral sampling: x_mean = m (x + c score), x = x_mean + s z, (m, c, s) from
+  `sde.ancestral_coeffs` (SMLD for VE, DDPM for VP, the exact Gaussian posterior otherwise)."""
   del probability_flow  # ancestral sampling has no ODE counterpart
-  mean_scale, score_scale, noise_std = _ancestral_params(sde, t, x.dtype)
+  mean_scale, score_scale, noise_std = (c.astype(x.dtype) for c in sde.ancestral_coeffs(t))
   x_mean = batch_mul(mean_scale, x + batch_mul(score_scale, score_fn(x, t)))
   return x_mean + batch_mul(noise_std, jax.random.normal(rng, x.shape, x.dtype)), x_mean
 
 
-def _ancestral_params(sde, t, dtype):
-  """Coefficients of x_mean = m (x + c score), x = x_mean + s z for one ancestral step.
-
-  VE (SMLD): the exact posterior between adjacent noise levels, c = sigma_i^2 - sigma_{i-1}^2,
-  s^2 = sigma_{i-1}^2 c / sigma_i^2. VP (DDPM with sigma^2 = beta): m = 1/sqrt(1 - beta_i),
-  c = beta_i, s = sqrt(beta_i), as the original. Sub-VP has no discrete chain (the original raised
-  NotImplementedError); it is a linear SDE, so its Gaussian transition x_t | x_s is exact:
-  a_ts = a_t / a_s, v_ts = std_t^2 - a_ts^2 std_s^2, and the posterior of x_s given x_t with the
-  Tweedie estimate of x_0 gives m = 1/a_ts, c = v_ts, s^2 = v_ts std_s^2 / std_t^2, with s = t - T/N.
-  """
-  if isinstance(sde, sde_lib.VESDE):
-    i = sde.timestep_index(t)
-    sigmas = jnp.asarray(sde.discrete_sigmas, dtype)
-    sigma = sigmas[i]
-    adjacent = jnp.where(i == 0, jnp.zeros_like(sigma), sigmas[jnp.maximum(i - 1, 0)])
-    c = sigma ** 2 - adjacent ** 2
-    return jnp.ones_like(sigma), c, jnp.sqrt(adjacent ** 2 * c / sigma ** 2)
-  if isinstance(sde, sde_lib.VPSDE):
-    beta = jnp.asarray(sde.discrete_betas, dtype)[sde.timestep_index(t)]
-    return 1. / jnp.sqrt(1. - beta), beta, jnp.sqrt(beta)
-  if isinstance(sde, sde_lib.subVPSDE):
-    s = jnp.maximum(t - sde.T / sde.N, 0.)
-    a_t, std_t = sde.marginal_coeffs(t)
-    a_s, std_s = sde.marginal_coeffs(s)
-    a_ts = a_t / a_s
-    v_ts = std_t ** 2 - a_ts ** 2 * std_s ** 2
-    return 1. / a_ts, v_ts, jnp.sqrt(v_ts) * std_s / std_t
-  raise ValueError(f'Ancestral sampling does not support {type(sde).__name__}.')
-
-
-@PREDICTORS.register(name='none')
+@_register(PREDICTORS, 'none', nfe=0)
 def no_predictor(rng, x, t, sde, score_fn, probability_flow=False):
   """The identity: corrector-only sampling."""
   return x, x
@@ -102,14 +87,6 @@ def no_predictor(rng, x, t, sde, score_fn, probability_flow=False):
 # --------------------------------------------------------------------------------------------
 # Correctors: (rng, x, t, sde, score_fn, snr, n_steps) -> (x, x_mean).
 # --------------------------------------------------------------------------------------------
-
-def _langevin_alpha(sde, t, dtype):
-  """alpha_i = 1 - beta_i of the discrete chain for VP / sub-VP (the original lacked it for
-  sub-VP), 1 for VE."""
-  if isinstance(sde, (sde_lib.VPSDE, sde_lib.subVPSDE)):
-    return jnp.asarray(sde.alphas, dtype)[sde.timestep_index(t)]
-  return jnp.ones_like(t)
-
 
 def _langevin_loop(rng, x, t, score_fn, n_steps, step_size_fn):
   """n_steps of x <- x + eps s(x) + sqrt(2 eps) z, with eps = step_size_fn(score, noise): [B]."""
@@ -131,86 +108,128 @@ def _mean_norm(v):
   return jnp.mean(jnp.linalg.norm(v.reshape(v.shape[0], -1), axis=-1))
 
 
-@CORRECTORS.register(name='langevin')
+@_register(CORRECTORS, 'langevin', nfe=1)
 def langevin(rng, x, t, sde, score_fn, snr, n_steps):
   """Langevin MCMC with step size 2 alpha (snr ||z|| / ||score||)^2 (Song et al. 2021, Alg. 4)."""
-  alpha = _langevin_alpha(sde, t, x.dtype)
+  alpha = sde.langevin_alpha(t).astype(x.dtype)
   step = lambda grad, noise: 2 * alpha * (snr * _mean_norm(noise) / _mean_norm(grad)) ** 2
   return _langevin_loop(rng, x, t, score_fn, n_steps, step)
 
 
-@CORRECTORS.register(name='ald')
+@_register(CORRECTORS, 'ald', nfe=1)
 def annealed_langevin_dynamics(rng, x, t, sde, score_fn, snr, n_steps):
-  """Annealed Langevin dynamics (NCSN): step size 2 alpha (snr std(t))^2."""
-  alpha = _langevin_alpha(sde, t, x.dtype)
-  std = sde.marginal_coeffs(t)[1]
+  """Annealed Langevin dynamics (NCSN; Song & Ermon 2019, Alg. 1): step size 2 alpha (snr
+  sigma_t)^2."""
+  alpha = sde.langevin_alpha(t).astype(x.dtype)
+  std = sde.sigma(t)
   step = lambda grad, noise: 2 * alpha * (snr * std) ** 2
   return _langevin_loop(rng, x, t, score_fn, n_steps, step)
 
 
-@CORRECTORS.register(name='none')
+@_register(CORRECTORS, 'none', nfe=0)
 def no_corrector(rng, x, t, sde, score_fn, snr, n_steps):
   """The identity: predictor-only sampling."""
   return x, x
 
 
 # --------------------------------------------------------------------------------------------
-# Argument checks: raised before any tracing.
+# Time grids: n_steps + 1 times from T down to eps (the samplers take the grid as an argument).
 # --------------------------------------------------------------------------------------------
 
-def _check_shape(shape) -> Tuple[int, ...]:
-  shape = tuple(shape)
-  if len(shape) < 2 or any(int(s) != s or s < 1 for s in shape):
-    raise ValueError(f'shape must be (batch, ...) of positive integers with at least 2 axes, got {shape}.')
-  return tuple(int(s) for s in shape)
+TIME_SCHEDULES: Registry[Callable] = Registry('time schedule')
 
 
-def _check_eps(eps: float, sde) -> float:
-  if not 0. < float(eps) < sde.T:
-    raise ValueError(f'eps must lie in (0, T) = (0, {sde.T}), got {eps!r}.')
-  return float(eps)
+def _from_log_snr(sde, lam: Array, eps: float) -> Array:
+  t = sde.t_from_log_snr(lam)
+  return t.at[0].set(sde.T).at[-1].set(eps)  # the end points exactly
 
 
-def _check_tol(name: str, value: float) -> float:
-  if not (np.isfinite(value) and value > 0):
-    raise ValueError(f'{name} must be a positive finite tolerance, got {value!r}.')
-  return float(value)
+def _log_snr(sde, t: float) -> Array:
+  return sde.log_snr(jnp.full((1,), t, jnp.float32))[0]
+
+
+@TIME_SCHEDULES.register(name='time_uniform')
+def time_uniform(sde, n_steps: int, eps: float) -> Array:
+  """Uniform in t (the PC sampler's grid; DDPM / DDIM)."""
+  return jnp.linspace(sde.T, eps, n_steps + 1)
+
+
+@TIME_SCHEDULES.register(name='time_quadratic')
+def time_quadratic(sde, n_steps: int, eps: float) -> Array:
+  """Uniform in sqrt(t) (DDIM's 'quadratic'; DPM-Solver's time_quadratic)."""
+  return jnp.linspace(np.sqrt(sde.T), np.sqrt(eps), n_steps + 1) ** 2
+
+
+@TIME_SCHEDULES.register(name='logsnr')
+def logsnr(sde, n_steps: int, eps: float) -> Array:
+  """Uniform in the log-SNR lambda_t (DPM-Solver's recommended 'logSNR' grid)."""
+  lam = jnp.linspace(_log_snr(sde, sde.T), _log_snr(sde, eps), n_steps + 1)
+  return _from_log_snr(sde, lam, eps)
+
+
+@TIME_SCHEDULES.register(name='karras')
+def karras(sde, n_steps: int, eps: float, rho: float = 7.) -> Array:
+  """EDM's grid (Karras et al. 2022, eq. 5) with rho = 7 in sigma/alpha = exp(-lambda)."""
+  s_max, s_min = (jnp.exp(-_log_snr(sde, t)) for t in (sde.T, eps))
+  ramp = jnp.linspace(0., 1., n_steps + 1)
+  s = (s_max ** (1 / rho) + ramp * (s_min ** (1 / rho) - s_max ** (1 / rho))) ** rho
+  return _from_log_snr(sde, -jnp.log(s), eps)
+
+
+def _check_steps(n_steps) -> int:
+  if isinstance(n_steps, bool) or int(n_steps) != n_steps or n_steps < 1:
+    raise ValueError(f'n_steps must be a positive integer, got {n_steps!r}.')
+  return int(n_steps)
+
+
+def time_grid(sde: sde_lib.SDE, n_steps: int, eps: float, schedule: str = 'logsnr') -> Array:
+  """n_steps + 1 decreasing times [n_steps + 1] from T to eps under `schedule` (TIME_SCHEDULES).
+
+  Raises ValueError for an unknown schedule, n_steps < 1 or eps outside (0, T)."""
+  build = TIME_SCHEDULES.get(schedule)
+  return build(sde, _check_steps(n_steps), sde.check_time(eps))
 
 
 # --------------------------------------------------------------------------------------------
 # Predictor-corrector sampling.
 # --------------------------------------------------------------------------------------------
 
+def _check_pc_args(sde, predictor, corrector, snr, n_steps, eps):
+  """Validates PC arguments before tracing; returns (predictor_fn, corrector_fn, eps)."""
+  predictor_fn, corrector_fn = PREDICTORS.get(predictor), CORRECTORS.get(corrector)
+  eps = sde.check_time(eps)
+  if isinstance(n_steps, bool) or int(n_steps) != n_steps or n_steps < 1:
+    raise ValueError(f'n_steps (corrector steps per time step) must be a positive integer, got {n_steps!r}.')
+  if corrector != 'none' and not (np.isfinite(snr) and snr > 0):
+    raise ValueError(f'snr (the corrector\'s signal-to-noise ratio) must be positive, got {snr!r}.')
+  return predictor_fn, corrector_fn, eps
+
+
 def pc_sample(rng: Array, sde: sde_lib.SDE, score_fn: ScoreFn, shape: Sequence[int], *,
               predictor: str = 'euler_maruyama', corrector: str = 'none', snr: float = 0.16,
               n_steps: int = 1, probability_flow: bool = False, denoise: bool = True,
               eps: float = 1e-3, x_init: Optional[Array] = None) -> Tuple[Array, int]:
-  """Predictor-corrector sampling from the prior at T down to eps over sde.N steps.
+  """Predictor-corrector sampling [B, ...] from the prior at T down to eps over sde.N steps.
 
-  At each step the corrector runs before the predictor (as the original); `denoise` returns the
-  last step's noise-free mean. `x_init` replaces the prior sample. Returns (samples, nfe).
-  """
-  predictor_fn, corrector_fn = PREDICTORS.get(predictor), CORRECTORS.get(corrector)
-  shape, eps = _check_shape(shape), _check_eps(eps, sde)
-  if int(n_steps) != n_steps or n_steps < 1:
-    raise ValueError(f'n_steps (corrector steps per time step) must be a positive integer, got {n_steps!r}.')
-  if corrector != 'none' and not (np.isfinite(snr) and snr > 0):
-    raise ValueError(f'snr must be positive, got {snr!r}.')
-  nfe = sde.N * (_NFE_PER_CALL.get(predictor, 1) + _NFE_PER_CALL.get(corrector, 1) * int(n_steps))
-  samples = _pc_sample_jit(rng, x_init, sde=sde, score_fn=score_fn, shape=shape,
-                           predictor_fn=predictor_fn, corrector_fn=corrector_fn, snr=float(snr),
-                           n_steps=int(n_steps), probability_flow=bool(probability_flow),
-                           denoise=bool(denoise), eps=eps)
+  The grid is `time_uniform` with N points (T, ..., eps). At each step the corrector runs before
+  the predictor (as the original); `denoise` returns the last step's noise-free mean. `x_init`
+  replaces the prior sample. Returns (samples, nfe). Raises ValueError on bad arguments."""
+  predictor_fn, corrector_fn, eps = _check_pc_args(sde, predictor, corrector, snr, n_steps, eps)
+  shape = _check_shape(shape)
+  nfe = sde.N * (predictor_fn.nfe + corrector_fn.nfe * int(n_steps))
+  samples = _pc_sample_jit(rng, x_init, time_grid(sde, sde.N - 1, eps, 'time_uniform'), sde=sde,
+                           score_fn=score_fn, shape=shape, predictor_fn=predictor_fn,
+                           corrector_fn=corrector_fn, snr=float(snr), n_steps=int(n_steps),
+                           probability_flow=bool(probability_flow), denoise=bool(denoise))
   return samples, nfe
 
 
 @functools.partial(jax.jit, static_argnames=('sde', 'score_fn', 'shape', 'predictor_fn', 'corrector_fn',
-                                             'snr', 'n_steps', 'probability_flow', 'denoise', 'eps'))
-def _pc_sample_jit(rng, x_init, *, sde, score_fn, shape, predictor_fn, corrector_fn, snr, n_steps,
-                   probability_flow, denoise, eps):
+                                             'snr', 'n_steps', 'probability_flow', 'denoise'))
+def _pc_sample_jit(rng, x_init, timesteps, *, sde, score_fn, shape, predictor_fn, corrector_fn, snr,
+                   n_steps, probability_flow, denoise):
   init_rng, rng = jax.random.split(rng)
   x = sde.prior_sampling(init_rng, shape) if x_init is None else x_init
-  timesteps = jnp.linspace(sde.T, eps, sde.N)
 
   def step(carry, inputs):
     x, _ = carry
@@ -220,108 +239,122 @@ def _pc_sample_jit(rng, x_init, *, sde, score_fn, shape, predictor_fn, corrector
     x, _ = corrector_fn(c_rng, x, vec_t, sde, score_fn, snr, n_steps)
     return predictor_fn(p_rng, x, vec_t, sde, score_fn, probability_flow), None
 
-  (x, x_mean), _ = jax.lax.scan(step, (x, x), (timesteps, jax.random.split(rng, sde.N)))
+  (x, x_mean), _ = jax.lax.scan(step, (x, x), (timesteps, jax.random.split(rng, len(timesteps))))
   return x_mean if denoise else x
 
 
 # --------------------------------------------------------------------------------------------
-# Probability-flow ODE with an adaptive solver.
+# Fast samplers: 10-30 evaluations over a time grid.
 # --------------------------------------------------------------------------------------------
 
-# diffrax solver and its score evaluations per step (FSAL methods reuse their last stage); every
-# solve adds one evaluation at the start. tests/test_sampling.py counts them with a host callback.
-ODE_SOLVERS: Registry[Tuple[type, int]] = Registry('ODE solver')
-ODE_SOLVERS.register((diffrax.Tsit5, 6), name='tsit5')
-ODE_SOLVERS.register((diffrax.Dopri5, 6), name='dopri5')
-ODE_SOLVERS.register((diffrax.Dopri8, 13), name='dopri8')
-ODE_SOLVERS.register((diffrax.Bosh3, 3), name='bosh3')
-
-
-def solve_ode(vector_field: Callable, y0, t0: float, t1: float, *, rtol: float, atol: float,
-              solver: str = 'tsit5', max_steps: int = 4096):
-  """Solves dy/dt = vector_field(t, y) from t0 to t1 adaptively (PID); returns (y1, nfe: traced).
-
-  The state may be any pytree; the error norm is the RMS over all of it (global over devices)."""
-  solver_cls, evals_per_step = ODE_SOLVERS.get(solver)
-  sol = diffrax.diffeqsolve(
-      diffrax.ODETerm(lambda t, y, args: vector_field(t, y)), solver_cls(), t0=t0, t1=t1, dt0=None,
-      y0=y0, stepsize_controller=diffrax.PIDController(rtol=rtol, atol=atol),
-      saveat=diffrax.SaveAt(t1=True), max_steps=max_steps)
-  # One evaluation at t0 (shared by the initial step-size choice and the first stage), then
-  # evals_per_step on each accepted or rejected step.
-  nfe = 1 + evals_per_step * sol.stats['num_steps']
-  return jax.tree_util.tree_map(lambda y: y[-1], sol.ys), nfe
-
-
-def ode_sample(rng: Array, sde: sde_lib.SDE, score_fn: ScoreFn, shape: Sequence[int], *,
-               rtol: float = 1e-5, atol: float = 1e-5, eps: float = 1e-3, denoise: bool = False,
-               z: Optional[Array] = None, solver: str = 'tsit5',
-               max_steps: int = 4096) -> Tuple[Array, Array]:
-  """Samples by solving the probability-flow ODE from T to eps; `z` given decodes that latent.
-
-  `denoise` adds one noise-free reverse-diffusion step at eps (as the original). Returns
-  (samples, nfe) with nfe a scalar array (the adaptive solver decides it at run time)."""
-  ODE_SOLVERS.get(solver)
-  shape, eps = _check_shape(shape), _check_eps(eps, sde)
-  rtol, atol = _check_tol('rtol', rtol), _check_tol('atol', atol)
+def _check_fast_args(sde, solver, n_steps, schedule, eps, eta, shape, z):
+  """Validates fast_sample's arguments before tracing; returns (solver entry, n_steps, eps, eta)."""
+  entry = fast_solvers.SOLVERS.get(solver)
+  TIME_SCHEDULES.get(schedule)
+  n_steps, eps = _check_steps(n_steps), sde.check_time(eps)
+  eta = entry.default_eta if eta is None else eta
+  if not (np.isfinite(eta) and eta >= 0):
+    raise ValueError(f'eta (the stochasticity of the solver) must be >= 0, got {eta!r}.')
+  if eta > 0 and not entry.stochastic:
+    raise ValueError(f'Solver {solver!r} is deterministic; eta={eta!r} applies to '
+                     f'{fast_solvers.stochastic_solvers()} only.')
+  if eta > entry.max_eta:
+    raise ValueError(f'eta must lie in [0, {entry.max_eta}] for {solver!r}, got {eta!r}.')
   if z is not None and tuple(z.shape) != shape:
     raise ValueError(f'z has shape {tuple(z.shape)} but shape is {shape}.')
-  return _ode_sample_jit(rng, z, sde=sde, score_fn=score_fn, shape=shape, rtol=rtol, atol=atol,
-                         eps=eps, denoise=bool(denoise), solver=solver, max_steps=int(max_steps))
+  return entry, n_steps, eps, float(eta)
 
 
-@functools.partial(jax.jit, static_argnames=('sde', 'score_fn', 'shape', 'rtol', 'atol', 'eps', 'denoise',
-                                             'solver', 'max_steps'))
-def _ode_sample_jit(rng, z, *, sde, score_fn, shape, rtol, atol, eps, denoise, solver, max_steps):
-  init_rng, denoise_rng = jax.random.split(rng)
+def fast_sample(rng: Array, sde: sde_lib.SDE, score_fn: ScoreFn, shape: Sequence[int], *,
+                solver: str = 'dpmpp_2m', n_steps: int = 20, schedule: str = 'logsnr',
+                eps: float = 1e-3, eta: Optional[float] = None, z: Optional[Array] = None,
+                denoise: bool = False) -> Tuple[Array, int]:
+  """Samples [B, ...] with a fast solver of `fast_solvers.SOLVERS` in about n_steps evaluations.
+
+  The grid is `time_grid(sde, intervals, eps, schedule)` (intervals = n_steps, or fewer for the
+  singlestep `dpm_solver`, which spends exactly n_steps evaluations); the whole loop is jitted.
+  `z` given: start from that latent at T (the deterministic solvers then approximate the
+  probability-flow ODE map); `denoise`: one final Tweedie step, the x_0 prediction at eps (one
+  more evaluation). eta: the stochastic solvers' noise (None: the solver's default, 0 for
+  `ddim`, 1 for `dpmpp_2m_sde`). Returns (samples, nfe) with nfe the score evaluations made.
+  Raises ValueError for an unknown solver or schedule, n_steps < 1, eps outside (0, T), eta < 0
+  (or > 0 for a deterministic solver), or z of the wrong shape."""
+  shape = _check_shape(shape)
+  entry, n_steps, eps, eta = _check_fast_args(sde, solver, n_steps, schedule, eps, eta, shape, z)
+  grid = time_grid(sde, entry.intervals(n_steps), eps, schedule)
+  x = _fast_sample_jit(rng, z, grid, sde=sde, score_fn=score_fn, shape=shape, solver=solver,
+                       n_steps=n_steps, eta=eta, denoise=bool(denoise))
+  return x, entry.nfe(n_steps) + int(bool(denoise))
+
+
+@functools.partial(jax.jit, static_argnames=('sde', 'score_fn', 'shape', 'solver', 'n_steps', 'eta',
+                                             'denoise'))
+def _fast_sample_jit(rng, z, grid, *, sde, score_fn, shape, solver, n_steps, eta, denoise):
+  init_rng, solver_rng = jax.random.split(rng)
   x = sde.prior_sampling(init_rng, shape) if z is None else z
-  flow = sde.reverse(score_fn, probability_flow=True)
-  drift = lambda t, x: flow.sde(x, jnp.full((shape[0],), t, x.dtype))[0]
-  x, nfe = solve_ode(drift, x, sde.T, eps, rtol=rtol, atol=atol, solver=solver, max_steps=max_steps)
-  if denoise:
-    vec_eps = jnp.full((shape[0],), eps, x.dtype)
-    _, x = reverse_diffusion(denoise_rng, x, vec_eps, sde, score_fn, probability_flow=False)
-    nfe = nfe + 1
-  return x, nfe
-
-
-def ode_encode(sde: sde_lib.SDE, score_fn: ScoreFn, x: Array, *, rtol: float = 1e-5,
-               atol: float = 1e-5, eps: float = 1e-3, solver: str = 'tsit5',
-               max_steps: int = 4096) -> Tuple[Array, Array]:
-  """Encodes data x at time eps into its latent z at T with the probability-flow ODE: (z, nfe)."""
-  _check_shape(x.shape)
-  eps, rtol, atol = _check_eps(eps, sde), _check_tol('rtol', rtol), _check_tol('atol', atol)
-  ODE_SOLVERS.get(solver)
-  return _ode_encode_jit(x, sde=sde, score_fn=score_fn, rtol=rtol, atol=atol, eps=eps, solver=solver,
-                         max_steps=int(max_steps))
-
-
-@functools.partial(jax.jit, static_argnames=('sde', 'score_fn', 'rtol', 'atol', 'eps', 'solver',
-                                             'max_steps'))
-def _ode_encode_jit(x, *, sde, score_fn, rtol, atol, eps, solver, max_steps):
-  flow = sde.reverse(score_fn, probability_flow=True)
-  drift = lambda t, y: flow.sde(y, jnp.full((y.shape[0],), t, y.dtype))[0]
-  return solve_ode(drift, x, eps, sde.T, rtol=rtol, atol=atol, solver=solver, max_steps=max_steps)
+  model = fast_solvers.Parametrization(sde, score_fn)
+  x = fast_solvers.SOLVERS.get(solver).fn(solver_rng, x, grid, model, n_steps=n_steps, eta=eta)
+  return model.x0(x, grid[-1]) if denoise else x
 
 
 # --------------------------------------------------------------------------------------------
 # Config-driven sampling of a network.
 # --------------------------------------------------------------------------------------------
 
-SAMPLING_METHODS = ('pc', 'ode')
+def sampling_methods() -> Tuple[str, ...]:
+  """Valid config.sampling.method values: 'pc', 'ode' and every fast solver's name."""
+  return ('pc', 'ode') + fast_solvers.SOLVERS.names()
 
 
-def check_sampling_config(config) -> str:
-  """Validates config.sampling's names (method, predictor, corrector, ODE solver); returns the method."""
+def check_sampling_config(config, eps: Optional[float] = None) -> str:
+  """Validates every field of config.sampling that its method uses; returns the method.
+
+  Runs before any compilation: names (method, predictor, corrector, ODE solver, schedule) and
+  values (snr, corrector steps, tolerances, n_steps, eta) raise ValueErrors naming the field."""
   s = config.sampling
   method = str(s.method).lower()
-  if method not in SAMPLING_METHODS:
-    raise ValueError(f'Unknown sampling method {s.method!r}; valid choices: {list(SAMPLING_METHODS)}.')
-  if method == 'pc':
-    PREDICTORS.get(s.predictor), CORRECTORS.get(s.corrector)
-  else:
-    ODE_SOLVERS.get(s.get('ode_solver', 'tsit5'))
+  if method not in sampling_methods():
+    raise ValueError(f'Unknown sampling method {s.method!r}; valid choices: {list(sampling_methods())}.')
+  sde, default_eps = sde_lib.get_sde(config)
+  eps = default_eps if eps is None else eps
+  try:
+    if method == 'pc':
+      _check_pc_args(sde, s.predictor, s.corrector, s.snr, s.n_steps_each, eps)
+    elif method == 'ode':
+      ode._check_solve_args(sde, eps, s.get('rtol', 1e-5), s.get('atol', 1e-5),
+                            s.get('ode_solver', 'tsit5'), 4096)
+    else:
+      _check_fast_args(sde, method, s.get('n_steps', 20), s.get('schedule', 'logsnr'), eps,
+                       s.get('eta', None), (1, 1), None)
+  except ValueError as e:
+    raise ValueError(f'config.sampling (method {method!r}): {e}') from e
   return method
+
+
+def get_sampler(config, shape: Sequence[int], eps: float) -> Callable:
+  """sampler(rng, sde, score_fn) -> (samples, nfe, failed) for `config.sampling`, jittable.
+
+  `failed` is True when an adaptive ODE solve did not finish (see `ode.raise_if_failed`)."""
+  s = config.sampling
+  method = check_sampling_config(config, eps)
+  shape = _check_shape(shape)
+  no_failure = lambda out: (out[0], jnp.asarray(out[1]), jnp.asarray(False))
+  if method == 'pc':
+    pc = functools.partial(pc_sample, shape=shape, predictor=s.predictor, corrector=s.corrector,
+                           snr=s.snr, n_steps=s.n_steps_each, probability_flow=s.probability_flow,
+                           denoise=s.noise_removal, eps=eps)
+    return lambda rng, sde, score_fn: no_failure(pc(rng, sde, score_fn))
+  if method == 'ode':
+    def ode_sampler(rng, sde, score_fn):
+      return ode._ode_sample_jit(rng, None, sde=sde, score_fn=score_fn, shape=shape,
+                                 rtol=float(s.get('rtol', 1e-5)), atol=float(s.get('atol', 1e-5)),
+                                 eps=eps, denoise=bool(s.noise_removal),
+                                 solver=s.get('ode_solver', 'tsit5'), max_steps=4096)
+    return ode_sampler
+  fast = functools.partial(fast_sample, shape=shape, solver=method, n_steps=s.get('n_steps', 20),
+                           schedule=s.get('schedule', 'logsnr'), eps=eps, eta=s.get('eta', None),
+                           denoise=s.noise_removal)
+  return lambda rng, sde, score_fn: no_failure(fast(rng, sde, score_fn))
 
 
 def get_sampling_fn(config, sde: sde_lib.SDE, model, shape: Sequence[int],
@@ -329,29 +362,28 @@ def get_sampling_fn(config, sde: sde_lib.SDE, model, shape: Sequence[int],
   """sampling_fn(rng, params, model_state=None) -> (samples, nfe) for `config.sampling`.
 
   The score function honours config.training.continuous (the original's ODE sampler ignored it);
-  with a `mesh`, samples come out sharded over its 'data' axis."""
+  with a `mesh`, samples come out sharded over its 'data' axis. Raises ValueError for a bad
+  config.sampling (at build time) and ode.ODESolveError when an adaptive solve does not finish."""
   from models import utils as mutils  # local: models import sampling-free modules only
   s = config.sampling
-  method = check_sampling_config(config)
-  shape = _check_shape(shape)
-  if method == 'pc':
-    sampler = functools.partial(pc_sample, shape=shape, predictor=s.predictor, corrector=s.corrector,
-                                snr=s.snr, n_steps=s.n_steps_each, probability_flow=s.probability_flow,
-                                denoise=s.noise_removal, eps=eps)
-  else:
-    sampler = functools.partial(ode_sample, shape=shape, rtol=s.get('rtol', 1e-5),
-                                atol=s.get('atol', 1e-5), eps=eps, denoise=s.noise_removal,
-                                solver=s.get('ode_solver', 'tsit5'))
+  sampler = get_sampler(config, shape, eps)
   out_shardings = None
   if mesh is not None:
     import parallel
-    out_shardings = (parallel.batch_sharding(mesh), parallel.replicated(mesh))
+    out_shardings = (parallel.batch_sharding(mesh), parallel.replicated(mesh), parallel.replicated(mesh))
 
   @functools.partial(jax.jit, out_shardings=out_shardings)
-  def sampling_fn(rng, params, model_state=None):
+  def jitted(rng, params, model_state=None):
     score_fn = mutils.get_score_fn(sde, model, params, model_state, train=False,
                                    continuous=config.training.continuous)
-    x, nfe = sampler(rng, sde, score_fn)
-    return inverse_scaler(x), jnp.asarray(nfe)
+    x, nfe, failed = sampler(rng, sde, score_fn)
+    return inverse_scaler(x), nfe, failed
 
+  def sampling_fn(rng, params, model_state=None):
+    x, nfe, failed = jitted(rng, params, model_state)
+    ode.raise_if_failed(failed, 'sampling', solver=s.get('ode_solver', 'tsit5'),
+                        rtol=s.get('rtol', 1e-5), atol=s.get('atol', 1e-5), max_steps=4096)
+    return x, nfe
+
+  sampling_fn.jitted = jitted
   return sampling_fn

@@ -92,41 +92,22 @@ def get_model_fn(model: nn.Module, params, model_state=None, *, train: bool = Fa
 def get_score_fn(sde: sde_lib.SDE, model: nn.Module, params, model_state=None, *,
                  train: bool = False, continuous: bool = False,
                  rng: Optional[jax.Array] = None) -> Callable[[jax.Array, jax.Array], jax.Array]:
-  """Turns a network into score_fn(x, t) with t in continuous time (0, T].
+  """Turns a network into score_fn(x, t) with t in continuous time (0, T], x: [B, ...], t: [B].
 
-  VP / sub-VP networks predict noise: score = -output / std, with time labels
-  t * 999 (continuous, and always for sub-VP) or the DDPM step index t (N - 1)
-  (discrete, std from the discrete chain). VE networks output the score; their
-  labels are sigma(t) (continuous) or the index of the descending SMLD noise
-  levels (discrete).
+  The SDE owns the parametrization: the network sees `sde.network_labels(t, continuous)` (VP /
+  sub-VP: t * 999, or the DDPM step index when discrete; VE: sigma_t, or the index of the
+  descending SMLD levels when discrete) and its output becomes a score through
+  `sde.score_from_output` (noise prediction: -output / sigma; VE networks output the score).
+  Raises ValueError (before tracing) when x and t disagree on the batch size.
   """
   model_fn = get_model_fn(model, params, model_state, train=train, rng=rng)
 
-  if isinstance(sde, (sde_lib.VPSDE, sde_lib.subVPSDE)):
-    def score_fn(x, t):
-      if continuous or isinstance(sde, sde_lib.subVPSDE):
-        labels = t * 999
-        std = sde.marginal_prob(jnp.zeros_like(x), t)[1]
-      else:
-        labels = t * (sde.N - 1)
-        std = jnp.asarray(sde.sqrt_1m_alphas_cumprod, x.dtype)[labels.astype(jnp.int32)]
-      return sde_lib.batch_mul(-1. / std, model_fn(x, labels))
-  elif isinstance(sde, sde_lib.VESDE):
-    def score_fn(x, t):
-      if continuous:
-        labels = sde.marginal_prob(jnp.zeros_like(x), t)[1]
-      else:
-        # Index into descending sigmas: t = T is level 0 (sigma_max).
-        labels = jnp.round((sde.T - t) * (sde.N - 1)).astype(jnp.int32)
-      return model_fn(x, labels)
-  else:
-    raise ValueError(f'Unsupported SDE {type(sde).__name__}; valid: VESDE, VPSDE, subVPSDE.')
-
-  def checked_score_fn(x, t):
+  def score_fn(x, t):
     _check_batch(x, t)
-    return score_fn(x, t)
+    output = model_fn(x, sde.network_labels(t, continuous))
+    return sde.score_from_output(output, sde.network_std(t, continuous).astype(x.dtype))
 
-  return checked_score_fn
+  return score_fn
 
 
 def _check_batch(x: jax.Array, t: jax.Array) -> None:

@@ -155,13 +155,13 @@ def test_smld_loss_expected_value_and_minimizer():
                                                                                     x.dtype)[labels])
 
   x = g.sample(jax.random.PRNGKey(0), 2 ** 16)
-  est = losses.smld_losses(jax.random.PRNGKey(1), sde, model_fn_of(g), x)  # reduce: half sum
+  est = losses.discrete_losses(jax.random.PRNGKey(1), sde, model_fn_of(g), x, reduce_mean=False)  # half sum
   v = g.stds[0][None] ** 2
   expected = np.mean(0.5 * np.sum(v / (v + sigmas_desc[:, None] ** 2), axis=1))
   agree(est, expected)
   m = mixtures.mixture2d()
   xm = m.sample(jax.random.PRNGKey(2), 8192)
-  loss = lambda s: float(jnp.mean(losses.smld_losses(jax.random.PRNGKey(3), sde, model_fn_of(m, s), xm)))
+  loss = lambda s: float(jnp.mean(losses.discrete_losses(jax.random.PRNGKey(3), sde, model_fn_of(m, s), xm, reduce_mean=False)))
   assert loss(1.) < min(loss(1.2), loss(0.8))
 
 
@@ -180,12 +180,12 @@ def test_ddpm_loss_expected_value_and_minimizer():
     return fn
 
   x = g.sample(jax.random.PRNGKey(0), 2 ** 16)
-  est = losses.ddpm_losses(jax.random.PRNGKey(1), sde, model_fn_of(g), x)  # reduce: mean
+  est = losses.discrete_losses(jax.random.PRNGKey(1), sde, model_fn_of(g), x)  # reduce: mean
   v = (a_i[:, None] * g.stds[0][None]) ** 2
   agree(est, np.mean(np.mean(v / (v + s_i[:, None] ** 2), axis=1)))
   m = mixtures.mixture2d()
   xm = m.sample(jax.random.PRNGKey(2), 8192)
-  loss = lambda s: float(jnp.mean(losses.ddpm_losses(jax.random.PRNGKey(3), sde, model_fn_of(m, s), xm)))
+  loss = lambda s: float(jnp.mean(losses.discrete_losses(jax.random.PRNGKey(3), sde, model_fn_of(m, s), xm)))
   assert loss(1.) < min(loss(1.2), loss(0.8))
 
 
@@ -215,10 +215,8 @@ def test_loss_selection_errors():
     sde, _ = sde_lib.get_sde(config)
     with pytest.raises(ValueError, match=match):
       losses.get_loss_fn(config, sde, None, train=True)
-  with pytest.raises(ValueError, match='VESDE'):
-    losses.get_smld_loss_fn(sde_lib.VPSDE(), None, True)
-  with pytest.raises(ValueError, match='VPSDE'):
-    losses.get_ddpm_loss_fn(sde_lib.subVPSDE(), None, True)
+  with pytest.raises(ValueError, match=r'VESDE: SMLD, VPSDE: DDPM.*not subVPSDE'):
+    losses.get_discrete_loss_fn(sde_lib.subVPSDE(), None, True)
 
 
 def test_every_sde_and_loss_family_runs_under_jit():
