@@ -145,7 +145,7 @@ def _from_log_snr(sde, lam: Array, eps: float) -> Array:
 
 
 def _log_snr(sde, t: float) -> Array:
-  return sde.log_snr(jnp.full((1,), t, jnp.float32))[0]
+  return sde.log_snr(jnp.full((1,), t))[0]
 
 
 @TIME_SCHEDULES.register(name='time_uniform')

@@ -1,5 +1,6 @@
 """Default CIFAR-10 config: the base that every experiment config starts from (original layout)."""
 import ml_collections
+from ml_collections import config_dict
 
 
 def get_default_configs() -> ml_collections.ConfigDict:
@@ -35,6 +36,12 @@ def get_default_configs() -> ml_collections.ConfigDict:
   sampling.rtol = 1e-5  # new: ODE sampler tolerances (the original hard-coded them)
   sampling.atol = 1e-5
   sampling.ode_solver = 'tsit5'  # new
+  # new: the fast solvers (method = 'ddim', 'heun', 'dpm_solver', 'dpmpp_2m', 'dpmpp_3m',
+  # 'dpmpp_2m_sde' or 'unipc'): evaluation budget, time grid, and the stochastic solvers' eta
+  # (None: the solver's default). noise_removal adds a final Tweedie denoising step there.
+  sampling.n_steps = 20
+  sampling.schedule = 'logsnr'
+  sampling.eta = config_dict.placeholder(float)
 
   # evaluation
   config.eval = evaluate = ml_collections.ConfigDict()

@@ -60,3 +60,21 @@ def test_bad_sampler_names_are_rejected_before_work():
   config.sampling.method, config.sampling.ode_solver = 'ode', 'rk99'
   with pytest.raises(ValueError, match="'rk99'.*tsit5"):
     sampling.check_sampling_config(config)
+
+
+@pytest.mark.parametrize('method,field,value,match', [
+    ('pc', 'snr', -0.1, r"method 'pc'.*snr .* must be positive, got -0.1"),
+    ('pc', 'n_steps_each', 0, r'n_steps \(corrector steps per time step\) must be a positive integer'),
+    ('ode', 'rtol', 0., 'rtol must be a positive finite tolerance'),
+    ('unipc', 'n_steps', 0, r"method 'unipc'.*n_steps must be a positive integer, got 0"),
+    ('dpmpp_2m', 'schedule', 'cosine', r"time schedule 'cosine'; valid choices"),
+    ('ddim', 'eta', -1., r'eta .* must be >= 0, got -1.0'),
+    ('bogus', 'method', 'bogus', r"sampling method 'bogus'; valid choices: \['pc', 'ode', 'ddim'"),
+])
+def test_bad_sampler_values_are_rejected_before_work(method, field, value, match):
+  config = importlib.import_module('configs.toy.vp_ring2d').get_config()
+  config.sampling.method = method
+  config.sampling.corrector = 'langevin'  # snr and n_steps_each are the corrector's
+  config.sampling[field] = value
+  with pytest.raises(ValueError, match=match):
+    sampling.check_sampling_config(config)

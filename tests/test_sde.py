@@ -167,3 +167,74 @@ def test_registry_errors_list_names():
   assert reg.names() == ('a', 'b') and reg.get('b') is b
   with pytest.raises(ValueError, match=r"Unknown widget 'c'; valid choices: \('a', 'b'\)"):
     reg.get('c')
+
+
+# ------------------------------------------------------------------------------------------------
+# The Gaussian view x_t = alpha_t x_0 + sigma_t eps and the network parametrization.
+
+TS = np.array([1e-5, 1e-3, 0.1, 0.5, 0.999, 1.0])
+
+
+def _ref_alpha_sigma(name, t):
+  """alpha_t, sigma_t in float64 from DESIGN.md's definitions."""
+  if name == 've':
+    return np.ones_like(t), 0.01 * 5000. ** t
+  big_b = 0.1 * t + 0.5 * 19.9 * t ** 2
+  alpha = np.exp(-big_b / 2)
+  return alpha, (np.sqrt(-np.expm1(-big_b)) if name == 'vp' else -np.expm1(-big_b))
+
+
+@pytest.mark.parametrize('name,sde', [('ve', sde_lib.VESDE(0.01, 50.)), ('vp', sde_lib.VPSDE()),
+                                      ('subvp', sde_lib.subVPSDE())])
+def test_alpha_sigma_log_snr_and_inverse(name, sde):
+  alpha, sigma = _ref_alpha_sigma(name, TS)
+  t = jnp.asarray(TS, jnp.float32)
+  np.testing.assert_allclose(sde.alpha(t), alpha, rtol=1e-5)
+  np.testing.assert_allclose(sde.sigma(t), sigma, rtol=1e-5)
+  np.testing.assert_allclose(sde.log_snr(t), np.log(alpha / sigma), rtol=1e-5, atol=1e-5)
+  # The closed-form inverse, relative precision kept down to t = 1e-5 for VP / sub-VP (lambda ~
+  # -log(t) / 2 there); VE's lambda is linear in t, so float32 lambda fixes t to ~3e-8 absolute.
+  np.testing.assert_allclose(sde.t_from_log_snr(jnp.asarray(np.log(alpha / sigma), jnp.float32)), TS,
+                             rtol=1e-4, atol=1e-7 if name == 've' else 0.)
+  lam = jnp.linspace(-8., 12., 41)
+  np.testing.assert_allclose(sde.log_snr(sde.t_from_log_snr(lam)), lam, rtol=1e-4, atol=2e-4)
+
+
+def test_discrete_models_get_the_integer_label_of_their_level():
+  """A DDPM model sampled at t = 0.5005 sees label 499, the index whose coefficients the step
+  uses (it used to see 499.5); an NCSN model sees the index of its descending noise levels."""
+  vp, ve = sde_lib.VPSDE(N=1000), sde_lib.VESDE(N=1000)
+  t = jnp.array([0.5005, 1.0, 1e-3])
+  np.testing.assert_array_equal(vp.network_labels(t, continuous=False), [499, 999, 0])
+  np.testing.assert_array_equal(vp.timestep_index(t), [499, 999, 0])
+  np.testing.assert_allclose(vp.network_std(t, continuous=False),
+                             vp.sqrt_1m_alphas_cumprod[[499, 999, 0]], rtol=1e-6)
+  np.testing.assert_array_equal(ve.network_labels(t, continuous=False), [500, 0, 999])
+  sigmas_desc = ve.discrete_sigmas[::-1]
+  _, g = ve.discretize(jnp.zeros((3, 1)), t)  # the SMLD step at the same level
+  np.testing.assert_allclose(g, np.sqrt(sigmas_desc[[500, 0, 999]] ** 2 - np.r_[
+      sigmas_desc[501], sigmas_desc[1], 0.] ** 2), rtol=1e-5)
+  # Every time of the PC grid maps to its own level, N-1 .. 0, once each.
+  grid = jnp.linspace(1., 1e-3, 1000)
+  np.testing.assert_array_equal(vp.network_labels(grid, continuous=False), np.arange(999, -1, -1))
+  # Continuous labels: t * 999 for VP / sub-VP, sigma(t) for VE.
+  np.testing.assert_allclose(vp.network_labels(t, continuous=True), t * 999, rtol=1e-6)
+  np.testing.assert_allclose(ve.network_labels(t, continuous=True), ve.sigma(t), rtol=1e-6)
+  # sub-VP has no discrete chain: its networks always see t * 999 and sigma_t.
+  sub = sde_lib.subVPSDE()
+  np.testing.assert_allclose(sub.network_labels(t, continuous=False), t * 999, rtol=1e-6)
+  np.testing.assert_allclose(sub.network_std(t, continuous=False), sub.sigma(t), rtol=1e-6)
+
+
+def test_score_from_output():
+  out, std = jnp.ones((2, 3)), jnp.array([0.5, 2.])
+  np.testing.assert_allclose(sde_lib.VPSDE().score_from_output(out, std), -out / std[:, None])
+  np.testing.assert_allclose(sde_lib.VESDE().score_from_output(out, std), out)
+
+
+def test_check_time():
+  sde = sde_lib.VPSDE()
+  assert sde.check_time(0.5) == 0.5
+  for bad in (0., 1., -1., float('nan'), 'x', None):
+    with pytest.raises(ValueError, match=r'eps must lie in \(0, T\) = \(0, 1.0\)'):
+      sde.check_time(bad)
