@@ -115,6 +115,28 @@ def test_bad_input():
     likelihood.bpd_offset(0)
 
 
+def test_non_finite_data_and_unfinished_solves_are_named():
+  """inf in the data is refused before any solve (it used to run the solver to max_steps and die
+  in a raw runtime error inside jit); a solve that does hit max_steps says so in our words."""
+  import ode
+  sde, eps = gu.make_sde('vp')
+  score_fn, rng = gu.score_fn(RING, sde), jax.random.PRNGKey(0)
+  x = jnp.zeros((4, 2)).at[1, 0].set(jnp.inf)
+  with pytest.raises(ValueError, match=r'non-finite values .* in examples \[1\]'):
+    likelihood.log_likelihood(rng, sde, score_fn, x)
+  with pytest.raises(ode.ODESolveError, match=r'log-likelihood \(tsit5, rtol=1e-05, atol=1e-05\).*'
+                     r'all max_steps=3 steps.*raise max_steps or loosen rtol / atol'):
+    likelihood.log_likelihood(rng, sde, score_fn, jnp.ones((4, 2)), max_steps=3)
+  nan_score = lambda x, t: jnp.full_like(x, jnp.nan)
+  with pytest.raises(ode.ODESolveError, match='sampling .*Check that the input and the score are finite'):
+    sampling.ode_sample(rng, sde, nan_score, (4, 2), eps=eps, max_steps=16)
+  with pytest.raises(ode.ODESolveError, match='encoding'):
+    sampling.ode_encode(sde, nan_score, jnp.ones((4, 2)), eps=eps, max_steps=16)
+  # Inside an outer jit nothing can be raised: the failed solve's output is NaN, never a number.
+  x, _ = jax.jit(lambda r: sampling.ode_sample(r, sde, score_fn, (4, 2), eps=eps, max_steps=3))(rng)
+  assert np.isnan(np.asarray(x)).all()
+
+
 # ---- The config path: a "network" whose output is exactly the mixture's noise / score ----
 
 @mutils.register_model(name='test_exact_mixture')

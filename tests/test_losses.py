@@ -215,6 +215,12 @@ def test_loss_selection_errors():
     sde, _ = sde_lib.get_sde(config)
     with pytest.raises(ValueError, match=match):
       losses.get_loss_fn(config, sde, None, train=True)
+  for eps in (-0.5, 0., 1., 2.):
+    with pytest.raises(ValueError, match=r'eps must lie in \(0, T\) = \(0, 1.0\), got ' + str(eps)):
+      losses.dsm_losses(jax.random.PRNGKey(0), sde_lib.VPSDE(), lambda x, t: x, jnp.zeros((2, 2)),
+                        eps=eps)
+    with pytest.raises(ValueError, match=r'eps must lie in \(0, T\)'):
+      losses.get_sde_loss_fn(sde_lib.VPSDE(), None, True, eps=eps)
   with pytest.raises(ValueError, match=r'VESDE: SMLD, VPSDE: DDPM.*not subVPSDE'):
     losses.get_discrete_loss_fn(sde_lib.subVPSDE(), None, True)
 
