@@ -138,8 +138,10 @@ def resolve_config(config_path: str, args: Sequence[str]):
                                   lock_config=True, sys_argv=argv)
   try:
     flag_values(argv)
-  except (flags.Error, AttributeError, KeyError, TypeError, ValueError) as e:
-    raise ValueError(f'{" ".join(args)}: {e}') from e
+  except (AttributeError, KeyError) as e:  # ml_collections: no such field
+    raise ValueError(f'unknown config key {e} in {" ".join(args)}') from e
+  except (flags.Error, TypeError, ValueError) as e:
+    raise ValueError(f'{e} (in {" ".join(args)})') from e
   return flag_values.config
 
 
