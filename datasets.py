@@ -3,8 +3,9 @@
 Every pipeline yields numpy batches `{'image': float32, 'label': int32}` (+ `'mask'` float32 [B] in
 evaluation mode: 1 for real examples, 0 for the zero padding of the last partial batch). Images are
 NHWC in [0, 1] BEFORE the data scaler (the training loop applies `get_data_scaler`); vector toy data
-are [B, D] in raw coordinates. Labels: the class (CIFAR-10, SVHN, digits), the mixture component
-(toy sets), -1 for unlabelled sets (CelebA, LSUN, FFHQ, CelebA-HQ), 0 on padding rows.
+are [B, D] in raw coordinates. Labels: the class (CIFAR-10, SVHN, digits, an image folder's class
+folders), the mixture component (toy sets), -1 for unlabelled sets (CelebA, LSUN, FFHQ, CelebA-HQ,
+a folder without class folders), 0 on padding rows.
 
 Data sets (`config.data.dataset`, case-insensitive):
 - embedded: 'ring2d', 'mixture2d', 'gmm_nd' (the closed-form mixtures of `mixtures.py`: fresh exact

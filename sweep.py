@@ -152,7 +152,8 @@ def make_points(config_path: str, sweep: Sequence[Mapping[str, Any]], root: str,
   for i, overrides in enumerate(sweep):
     name = point_name(overrides)
     if name in seen:
-      raise ValueError(f'Sweep points {seen[name]} and {i} have the same overrides ({name}).')
+      raise ValueError(f'Sweep points {seen[name]} and {i} get the same workdir name {name!r}: '
+                       'give them different overrides.')
     seen[name] = i
     try:
       config = resolve_config(config_path, [*shared, *override_args(overrides)])

@@ -192,7 +192,7 @@ def test_bad_sweeps_fail_before_running(tmp_path):
     sweep.main(['--config', CONFIG, '--sweep', str(bad), '--root', str(tmp_path / 'r'),
                 '--mode', 'train'])
   bad.write_text("def get_sweep():\n  return [{'optim.lr': 1e-3}, {'config.optim.lr': 1e-3}]\n")
-  with pytest.raises(ValueError, match='same overrides'):
+  with pytest.raises(ValueError, match='same workdir name'):
     sweep.main(['--config', CONFIG, '--sweep', str(bad), '--root', str(tmp_path / 'r'),
                 '--mode', 'train'])
   bad.write_text("SWEEP = []\n")
