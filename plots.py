@@ -17,7 +17,7 @@ import json
 import logging
 import math
 import os
-from typing import Dict, List, Mapping, Optional, Sequence, Tuple
+from typing import List, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 

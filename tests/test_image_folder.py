@@ -26,8 +26,7 @@ def _write(root, tree, channels=3, seed=0):
     shape = (h, w, channels) if channels == 3 else (h, w)
     x = rng.integers(0, 256, shape, dtype=np.uint8)
     rel = f'{folder}/{name}' if folder else name
-    Image.fromarray(x).save(os.path.join(root, rel), quality=95) if name.lower().endswith(
-        ('jpg', 'jpeg')) else Image.fromarray(x).save(os.path.join(root, rel))
+    Image.fromarray(x).save(os.path.join(root, rel), quality=95)  # quality: JPEG only
     images[rel] = x.reshape(h, w, channels)
   return images
 
