@@ -1,10 +1,11 @@
-"""Input pipelines: embedded data sets (no download) and the real tfds / TFRecord pipelines.
+"""Input pipelines: embedded data sets (no download) and the tfds / TFRecord / image-folder pipelines.
 
 Every pipeline yields numpy batches `{'image': float32, 'label': int32}` (+ `'mask'` float32 [B] in
 evaluation mode: 1 for real examples, 0 for the zero padding of the last partial batch). Images are
 NHWC in [0, 1] BEFORE the data scaler (the training loop applies `get_data_scaler`); vector toy data
-are [B, D] in raw coordinates. Labels: the class (CIFAR-10, SVHN, digits), the mixture component
-(toy sets), -1 for unlabelled sets (CelebA, LSUN, FFHQ, CelebA-HQ), 0 on padding rows.
+are [B, D] in raw coordinates. Labels: the class (CIFAR-10, SVHN, digits, an image folder's class
+folders), the mixture component (toy sets), -1 for unlabelled sets (CelebA, LSUN, FFHQ, CelebA-HQ,
+a folder without class folders), 0 on padding rows.
 
 Data sets (`config.data.dataset`, case-insensitive):
 - embedded: 'ring2d', 'mixture2d', 'gmm_nd' (the closed-form mixtures of `mixtures.py`: fresh exact
@@ -12,6 +13,9 @@ Data sets (`config.data.dataset`, case-insensitive):
   1,797 8x8 handwritten digits, a fixed stratified 1,497 / 300 train / test split);
 - tfds: 'CIFAR10', 'SVHN' (svhn_cropped), 'CELEBA' (celeb_a; central crop 140, then resize),
   'LSUN' (lsun/<config.data.category>; central crop to the short side, then resize);
+- image folder: 'folder', the PNG / JPEG files under `config.data.path` (layout and labels: see
+  image_folder.py; `config.data.class_folders`), each cropped to its central square (or to the
+  central `config.data.center_crop` pixels when > 0), then resized. One split, as TFRecords.
 - TFRecords: 'FFHQ', 'CelebAHQ' from `config.data.tfrecords_path` (file or glob) in the format of
   the progressive-GAN `dataset_tool.py` that the original read: one `tf.train.Example` per image
   with feature 'shape' (int64 [3], CHW order) and 'data' (bytes: the raw uint8 pixels in CHW order).
@@ -35,13 +39,18 @@ they do not depend on threading or on where a run resumed.
   the original) of the shard read in its stored order (tfds already shuffled examples when it
   prepared them). Resume rebuilds epoch e and skips the examples of it already consumed: at most one
   epoch of record reads (encoded images: decoding happens after the skip), no preprocessing.
+- Image folder: the records are file names (strided shards, as TFRecords): each epoch shuffles the
+  whole shard, resume skips names only, and files are read and decoded in the parallel map.
 """
 from __future__ import annotations
 
 import dataclasses
 import functools
+import hashlib
 import itertools
+import json
 import math
+import os
 import zlib
 from typing import Callable, Dict, Iterator, Optional, Tuple
 
@@ -58,11 +67,11 @@ _FIXED_SPLIT_SEED = 20210101  # the embedded evaluation splits never depend on c
 class _Spec:
   """How one data set is read: its source kind, tfds name and split names."""
   name: str  # canonical name
-  kind: str  # 'toy' | 'digits' | 'tfds' | 'tfrecord'
+  kind: str  # 'toy' | 'digits' | 'tfds' | 'tfrecord' | 'folder'
   train_split: str = 'train'
   test_split: str = 'test'
   tfds_name: str = ''
-  resize: str = 'plain'  # tfds preprocessing: 'plain' | 'celeba' | 'lsun'
+  resize: str = 'plain'  # preprocessing: 'plain' | 'celeba' | 'lsun' | 'folder'
   num_classes: int = 0
 
 
@@ -73,6 +82,7 @@ _SPECS = {s.name.lower(): s for s in [
     _Spec('LSUN', 'tfds', test_split='validation', tfds_name='lsun/{category}', resize='lsun'),
     _Spec('FFHQ', 'tfrecord', test_split='train'),
     _Spec('CelebAHQ', 'tfrecord', test_split='train'),
+    _Spec('folder', 'folder', test_split='train', resize='folder'),
     _Spec('digits', 'digits', num_classes=10),
     _Spec('ring2d', 'toy'),
     _Spec('mixture2d', 'toy'),
@@ -363,7 +373,12 @@ def _resize_op(spec: _Spec, config) -> Callable:
     return _to_grid(tf.image.resize(_central_crop(x, short), [size, size], antialias=True,
                                     method='bicubic'))
 
-  op = {'plain': plain, 'celeba': celeba, 'lsun': lsun}[spec.resize]
+  crop = _center_crop(config)
+
+  def folder(img):  # central crop (the short side unless config.data.center_crop), then resize
+    return plain(_central_crop(img, crop or tf.reduce_min(tf.shape(img)[:2])))
+
+  op = {'plain': plain, 'celeba': celeba, 'lsun': lsun, 'folder': folder}[spec.resize]
   channels = int(config.data.num_channels)
   return lambda img: tf.ensure_shape(op(img), [size, size, channels])
 
@@ -377,6 +392,7 @@ class _Source:
   n_total: int  # examples in the whole split
   start: int  # global index of the shard's first example
   stride: int  # global index step between consecutive shard examples
+  shuffle_all: bool = False  # records are small: shuffle the whole shard, not a buffer of it
 
 
 def _tfds_source(spec: _Spec, config, split: str, pi: int, pc: int) -> _Source:
@@ -443,6 +459,46 @@ def _tfrecord_source(config, pi: int, pc: int) -> _Source:
   return _Source(ds, decode, len(range(pi, n_total, pc)), n_total, pi, pc)
 
 
+def _folder_listing(config):
+  """The image_folder listing of config.data.path (config.data.class_folders: labels or not)."""
+  import image_folder
+  return image_folder.list_images(str(config.data.get('path', '') or ''),
+                                  bool(config.data.get('class_folders', True)))
+
+
+def _center_crop(config) -> int:
+  return int(config.data.get('center_crop', 0) or 0)
+
+
+def _folder_source(config, pi: int, pc: int) -> _Source:
+  """Process pi's strided shard of the image folder: records are file names, decoded later."""
+  import image_folder
+  tf = _tf()
+  listing = _folder_listing(config)
+  ds = tf.data.Dataset.from_tensor_slices(
+      {'path': listing.paths, 'label': np.asarray(listing.labels, np.int32)}).shard(pc, pi)
+  n_total = len(listing.files)
+  decode = image_folder.decode_fn(tf, int(config.data.num_channels), _center_crop(config))
+  return _Source(ds, decode, len(range(pi, n_total, pc)), n_total, pi, pc, shuffle_all=True)
+
+
+def _naming_bad_files(batches: Iterator[Batch], config) -> Iterator[Batch]:
+  """The folder pipeline's batches; a decoding failure becomes a ValueError naming the bad files."""
+  import image_folder
+  tf = _tf()
+  decode_error = tf.errors.InvalidArgumentError  # resolved now: at exit, module attributes go
+  try:
+    yield from batches
+  except decode_error as e:
+    problems = image_folder.find_problems(tf, _folder_listing(config),
+                                          int(config.data.num_channels), _center_crop(config))
+    if not problems:
+      raise
+    raise ValueError(f'Unusable images in config.data.path={config.data.path!r} (fix or remove '
+                     'them; convert images of another channel count to '
+                     'config.data.num_channels):\n  ' + '\n  '.join(problems)) from e
+
+
 def _count(ds) -> int:
   """Cardinality of a finite tf.data.Dataset, counting only when it is unknown."""
   n = int(ds.cardinality())
@@ -452,6 +508,8 @@ def _count(ds) -> int:
 def _source(spec: _Spec, config, split: str, pi: int, pc: int) -> _Source:
   if spec.kind == 'tfrecord':
     return _tfrecord_source(config, pi, pc)
+  if spec.kind == 'folder':
+    return _folder_source(config, pi, pc)
   return _tfds_source(spec, config, split, pi, pc)
 
 
@@ -489,7 +547,7 @@ def _tf_train_dataset(spec: _Spec, config, split: str, start_step: int, local_ba
     raise ValueError(f'Process {pi} of {pc} has no examples of split {split!r} of '
                      f'{spec.name}.')
   key = _seed_word(config.seed, spec.name, split, pi, pc)
-  buffer = int(config.data.get('shuffle_buffer_size', 10_000))
+  buffer = n if source.shuffle_all else int(config.data.get('shuffle_buffer_size', 10_000))
   shuffle_word = tf.constant(_seed_word(key, 'shuffle') % 2 ** 31, tf.int64)
 
   def epoch(e):
@@ -538,7 +596,8 @@ def _tf_dataset(spec: _Spec, config, split: str, evaluation: bool, start_step: i
   options = tf.data.Options()
   options.deterministic = True
   options.experimental_optimization.map_parallelization = True
-  return iter(tfds.as_numpy(ds.with_options(options).prefetch(tf.data.AUTOTUNE)))
+  batches = iter(tfds.as_numpy(ds.with_options(options).prefetch(tf.data.AUTOTUNE)))
+  return _naming_bad_files(batches, config) if spec.kind == 'folder' else batches
 
 
 # ------------------------------------------------------------------------------------------------
@@ -571,6 +630,8 @@ def get_dataset(config, *, split: str = 'train', evaluation: bool = False, start
                              local_batch, pi, dequant_seed)
   if spec.kind == 'tfrecord':
     _tfrecord_files(config)  # fail on a missing path before building anything
+  if spec.kind == 'folder':
+    _folder_listing(config)  # fail on a missing or empty folder before building anything
   return _tf_dataset(spec, config, split_name, evaluation, start_step, local_batch, pi, pc,
                      dequant_seed)
 
@@ -587,11 +648,45 @@ def dataset_info(config) -> dict:
     return {'name': spec.name, 'splits': {'train': None, 'test': TOY_TEST_SIZE},
             'shape': (gmm.dim,), 'is_8bit_image': False, 'num_classes': len(gmm.weights)}
   size, channels = int(config.data.image_size), int(config.data.num_channels)
+  num_classes = len(_folder_listing(config).classes) if spec.kind == 'folder' else spec.num_classes
   info = {'name': spec.name, 'shape': (size, size, channels), 'is_8bit_image': True,
-          'num_classes': spec.num_classes}
+          'num_classes': num_classes}
   if spec.kind == 'digits':
     splits = {s: len(load_digits_split(s)[1]) for s in ('train', 'test')}
   else:
     splits = {s: _source(spec, config, _split_name(spec, s), 0, 1).n_total
               for s in ('train', 'test')}
   return dict(info, splits=splits)
+
+
+def dataset_fingerprint(config) -> dict:
+  """What determines the images the configured pipeline yields (in evaluation mode), as a dict.
+
+  Keys: 'dataset' (canonical name), 'source' (tfds name, absolute folder / TFRecord paths, or
+  'embedded'), 'shape' (one example's), 'preprocess' (crop settings), and 'files': a digest of the
+  files' names, sizes and modification times ('' for tfds and embedded sets). Everything but
+  'files' names the data; 'files' changes whenever one of its files does. Cache keys of anything
+  computed from the data (FID statistics) use it. Lists the folder / globs the TFRecords: no
+  decoding.
+  """
+  spec = _spec(config)
+  out = {'dataset': spec.name, 'source': 'embedded', 'preprocess': spec.resize, 'files': ''}
+  if spec.kind == 'toy':
+    return dict(out, shape=(_mixture(config).dim,))
+  out['shape'] = (int(config.data.image_size),) * 2 + (int(config.data.num_channels),)
+  if spec.kind == 'tfds':
+    out['source'] = [spec.tfds_name.format(category=config.data.get('category', 'bedroom')),
+                     config.data.get('tfds_data_dir', None)]
+  elif spec.kind == 'tfrecord':
+    gfile = _tf().io.gfile
+    files = [os.path.abspath(f) if '://' not in f else f for f in _tfrecord_files(config)]
+    stats = [gfile.stat(f) for f in files]
+    out['source'] = files
+    out['files'] = hashlib.sha256(json.dumps(
+        [[f, s.length, s.mtime_nsec] for f, s in zip(files, stats)]).encode()).hexdigest()
+  elif spec.kind == 'folder':
+    listing = _folder_listing(config)
+    out['source'] = listing.root
+    out['preprocess'] = f'folder:center_crop={_center_crop(config)}'
+    out['files'] = listing.digest
+  return out

@@ -3,9 +3,15 @@
 The evaluation loop uses four names:
 
     name, features_fn = get_feature_extractor(config, workdir)
-    data_stats = get_data_stats(config, workdir, (name, features_fn), lambda: batches)
+    path, data_stats = reference_stats(config, workdir, (name, features_fn))
     sample_feats = extract_features(features_fn, sample_batches)
     metrics = compute_metrics(sample_feats, data_stats)   # {'fid': ..., 'is': ..., 'kid': ...}
+
+`reference_stats` (also `main.py --mode stats`) computes the statistics of the data set's training
+split once and caches them in `stats_dir(config, workdir)` (config.eval.stats_dir, by default
+<workdir>/stats); the cache key holds `datasets.dataset_fingerprint(config)` (data set, path,
+shape, and a digest of the files of folder / TFRecord sets), the split and the extractor's exact
+weights, so a changed file, another folder or another network recomputes them.
 
 `features_fn(images)` maps NHWC images in [0, 1] (any batch size) to {'pool': [B, d],
 'logits': [B, K]}: the FID Inception-v3 (d = 2048, K = 1008; `inception.py`) for real image data
@@ -25,6 +31,7 @@ The metrics are exact float64 numpy:
 from __future__ import annotations
 
 import contextlib
+import copy
 import hashlib
 import json
 import logging
@@ -39,6 +46,7 @@ import numpy as np
 import optax
 from scipy import special
 
+import datasets
 import inception
 from models import digits_classifier
 
@@ -219,7 +227,6 @@ _DIGITS_RECIPE = dict(version=1, width=16, steps=800, batch_size=64, lr=5e-3, we
 
 def _digits_data(split: str) -> Tuple[np.ndarray, np.ndarray]:
   """The embedded digits split as float32 [N, 8, 8, 1] in [0, 1] and int32 labels."""
-  import datasets  # lazily: only the digits metric needs it
   images, labels = datasets.load_digits_split(split)
   return images.astype(np.float32) / 255., np.asarray(labels, np.int32)
 
@@ -345,26 +352,51 @@ def get_feature_extractor(config, workdir: Optional[str] = None) -> Extractor:
 
   `name` identifies the network and its exact weights (it keys the statistics cache). Inception
   weights come from config.eval.inception_weights (clear error when missing; never downloaded);
-  the digits classifier is cached at <workdir>/stats/digits_classifier.npz when workdir is given.
+  the digits classifier is cached as digits_classifier.npz in `stats_dir` when workdir is given.
   """
   kind = _extractor_kind(config)
   if kind == 'inception':
     variables, meta = inception.load_fid_inception(str(config.eval.inception_weights))
     return f'inception_fid_{meta["arrays_sha256"][:12]}', inception_features_fn(variables)
-  cache = os.path.join(workdir, 'stats', 'digits_classifier.npz') if workdir else None
+  cache = os.path.join(stats_dir(config, workdir), 'digits_classifier.npz') if workdir else None
   variables, info = train_digits_classifier(DIGITS_CLASSIFIER_SEED, cache)
   logging.info('Digits classifier: test accuracy %.4f.', info['test_accuracy'])
   return f'digits_cnn_{info["arrays_sha256"][:12]}', digits_features_fn(variables)
 
 
-def stats_path(config, workdir: str, extractor_name: str, split: str = 'train') -> str:
-  """<workdir>/stats/<data set>_<size>px_<split>_<extractor>.npz: one file per data and network."""
-  dataset = str(config.data.dataset).lower()
-  category = config.data.get('category', None)
-  if category:
-    dataset = f'{dataset}-{category}'
-  name = f'{dataset}_{int(config.data.image_size)}px_{split}_{extractor_name}.npz'
-  return os.path.join(workdir, 'stats', name)
+def stats_dir(config, workdir: Optional[str]) -> str:
+  """Where data statistics are cached: config.eval.stats_dir, or <workdir>/stats when unset."""
+  directory = str(config.eval.get('stats_dir', '') or '')
+  if not directory and not workdir:
+    raise ValueError('Data statistics need a workdir or config.eval.stats_dir for their cache.')
+  return directory or os.path.join(workdir, 'stats')
+
+
+def _digest(obj) -> str:
+  return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()
+
+
+def _stats_file_name(fingerprint: Mapping, extractor_name: str, split: str) -> str:
+  """<data set>_<size>px_<split>_<extractor>_<hash of the data's identity>.npz.
+
+  The identity (all of the fingerprint but the file digest) separates two folders or two image
+  sizes; a changed file of the same folder keeps the name, and its statistics are replaced."""
+  identity = {k: v for k, v in fingerprint.items() if k != 'files'}
+  name = str(fingerprint['dataset']).lower()
+  if fingerprint['dataset'] == 'folder':
+    name = f'folder-{os.path.basename(str(fingerprint["source"]))}'
+  elif fingerprint['dataset'] == 'LSUN':
+    name = f'lsun-{str(fingerprint["source"][0]).split("/")[-1]}'
+  size = f'{fingerprint["shape"][0]}px_' if len(fingerprint['shape']) == 3 else ''
+  return (f'{name}_{size}{split}_{extractor_name}_'
+          f'{_digest([identity, extractor_name, split])[:10]}.npz')
+
+
+def stats_path(config, workdir: Optional[str], extractor_name: str, split: str = 'train') -> str:
+  """The cache file of the data statistics under `stats_dir`: one per data set and network."""
+  fingerprint = datasets.dataset_fingerprint(config)
+  return os.path.join(stats_dir(config, workdir),
+                      _stats_file_name(fingerprint, extractor_name, split))
 
 
 def get_data_stats(config, workdir: Optional[str], extractor: Extractor,
@@ -375,18 +407,16 @@ def get_data_stats(config, workdir: Optional[str], extractor: Extractor,
 
   `images` is an iterable of batches (as `extract_features` takes) or a zero-argument callable
   returning one, so a cache hit reads no data. The cache file (`path`, default `stats_path(...)`)
-  records the data set, split, size, extractor name and example cap; a file whose record differs
-  or that cannot be read is recomputed and replaced. Only the caller decides which process writes:
-  every process that calls this writes the same file atomically.
+  records `datasets.dataset_fingerprint(config)`, the split, the extractor name and the example
+  cap; a file whose record differs (e.g. a file of the folder changed) or that cannot be read is
+  recomputed and replaced. Only the caller decides which process writes: every process that calls
+  this writes the same file atomically.
   """
   name, features_fn = extractor
+  fingerprint = datasets.dataset_fingerprint(config)
   if path is None:
-    if not workdir:
-      raise ValueError('get_data_stats needs a workdir or an explicit path for its cache file.')
-    path = stats_path(config, workdir, name, split)
-  key = json.dumps({'dataset': str(config.data.dataset),
-                    'category': config.data.get('category', None),
-                    'image_size': int(config.data.image_size), 'split': split, 'extractor': name,
+    path = os.path.join(stats_dir(config, workdir), _stats_file_name(fingerprint, name, split))
+  key = json.dumps({'data': fingerprint, 'split': split, 'extractor': name,
                     'max_examples': max_examples}, sort_keys=True)
   if os.path.isfile(path):
     try:
@@ -407,3 +437,30 @@ def get_data_stats(config, workdir: Optional[str], extractor: Extractor,
     np.savez(f, key=np.asarray(key), **stats)
   os.replace(tmp, path)
   return stats
+
+
+def reference_stats(config, workdir: Optional[str], extractor: Optional[Extractor] = None, *,
+                    progress: bool = True) -> Tuple[str, Dict[str, np.ndarray]]:
+  """(path, statistics) of the data set's training split under the configured feature extractor.
+
+  Reads the whole split once on a cache miss (every image, not dequantized: the reference is the
+  8-bit data; one process reads all of it), with a progress bar when `progress`; a hit reads no
+  data. `main.py --mode stats` calls this ahead of evaluation; evaluation calls it again and gets
+  the cached file.
+  """
+  extractor = extractor or get_feature_extractor(config, workdir)
+  path = stats_path(config, workdir, extractor[0])
+  data_config = copy.deepcopy(config)
+  data_config.data.uniform_dequantization = False
+
+  def batches():
+    from tqdm import tqdm
+    n = datasets.dataset_info(config)['splits']['train']
+    total = -(-n // int(config.eval.batch_size)) if n else None
+    logging.info('Computing the statistics of %s (%s images) into %s.', config.data.dataset, n,
+                 path)
+    return tqdm(datasets.get_dataset(data_config, split='train', evaluation=True,
+                                     process_index=0, process_count=1),
+                total=total, disable=not progress, unit='batch', desc='data statistics')
+
+  return path, get_data_stats(config, workdir, extractor, batches, path=path)

@@ -1,4 +1,4 @@
-"""Entry point: python main.py --config configs/<...>.py --workdir DIR --mode train|eval."""
+"""Entry point: python main.py --config configs/<...>.py --workdir DIR --mode train|eval|stats."""
 import os
 
 # TensorFlow (data pipelines only) must never take an accelerator or flood the log.
@@ -11,7 +11,8 @@ FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file('config', None, 'Training / evaluation configuration file.',
                                 lock_config=True)
 flags.DEFINE_string('workdir', None, 'Work directory (checkpoints, samples, logs, results).')
-flags.DEFINE_enum('mode', None, ['train', 'eval'], 'Running mode: train or eval.')
+flags.DEFINE_enum('mode', None, ['train', 'eval', 'stats'],
+                  'Running mode: train, eval, or stats (FID / KID reference statistics of the data).')
 flags.DEFINE_string('eval_folder', 'eval', 'Folder under workdir for evaluation results.')
 flags.mark_flags_as_required(['config', 'workdir', 'mode'])
 
@@ -47,6 +48,10 @@ def main(argv):
     print(f'train: step {result["step"]}, '
           + (f'last loss {loss:.5g}' if loss == loss else 'already trained (no steps run)')
           + (' (stopped by SIGTERM; resume by running the same command)' if result['preempted'] else ''))
+  elif FLAGS.mode == 'stats':
+    import evaluation
+    path, stats = evaluation.reference_stats(FLAGS.config, FLAGS.workdir)
+    print(f'stats: {int(stats["n"])} images of {FLAGS.config.data.dataset} -> {path}')
   else:
     for r in run_lib.evaluate(FLAGS.config, FLAGS.workdir, FLAGS.eval_folder):
       print('eval: ' + ', '.join(f'{k} {v:.5g}' if isinstance(v, float) else f'{k} {v}' for k, v in r.items()))

@@ -17,6 +17,7 @@ import datasets
 import likelihood
 import losses
 import parallel
+import plots
 import sampling
 import sde_lib
 from models import utils as mutils
@@ -218,6 +219,8 @@ def _snapshot(run: Run, snapshots, sampling_fn, step: int) -> None:
   """Saves snapshot number step // snapshot_freq (what evaluate() sweeps), and samples if asked."""
   ckpt = max(step // max(run.config.training.snapshot_freq, 1), 1)
   checkpointing.save(snapshots, ckpt, run.state)
+  if run.is_main:
+    plots.training_plots(run.workdir)
   if sampling_fn is not None:
     samples, nfe = _draw_samples(run, sampling_fn, run.state.ema_params, 0, step)
     if run.is_main:
@@ -343,11 +346,7 @@ def _sample_quality(run: Run, state, ckpt_dir: str, extractor) -> Dict[str, floa
     _sample_rounds(run, state, ckpt_dir, None)
     return {}
   feats = _sample_rounds(run, state, ckpt_dir, extractor)
-  stats = evaluation.get_data_stats(
-      c, run.workdir, extractor,
-      # Every process reads the whole split: the statistics are of all the data, on every host.
-      lambda: datasets.get_dataset(c, split='train', evaluation=True, process_index=0,
-                                   process_count=1))
+  _, stats = evaluation.reference_stats(c, run.workdir, extractor, progress=run.is_main)
   return evaluation.compute_metrics(feats, stats, kid_subset_size=min(1000, len(feats['pool'])))
 
 
@@ -386,5 +385,6 @@ def evaluate(config, workdir: str, eval_folder: str = 'eval') -> list:
     if run.is_main:
       with open(results_path, 'a') as f:
         f.write(json.dumps(result) + '\n')
+      plots.eval_plots(eval_dir)
     results.append(result)
   return results

@@ -59,6 +59,7 @@ def get_default_configs() -> ml_collections.ConfigDict:
   evaluate.inception_weights = ''  # new: local file with the FID Inception-v3 weights
   evaluate.feature_extractor = 'auto'  # new: 'inception', 'digits' or 'auto' (by data set)
   evaluate.ckpt_timeout_s = 0.  # new: how long to wait for a snapshot not yet written
+  evaluate.stats_dir = ''  # new: where data statistics are cached ('' = <workdir>/stats)
 
   # data
   config.data = data = ml_collections.ConfigDict()
@@ -68,6 +69,10 @@ def get_default_configs() -> ml_collections.ConfigDict:
   data.centered = False
   data.uniform_dequantization = False
   data.num_channels = 3
+  # new: dataset='folder' reads the PNG / JPEG files under data.path (see datasets.py)
+  data.path = ''
+  data.center_crop = 0  # central crop size before resizing (0: the short side)
+  data.class_folders = True  # the path's sub-folders are classes (labels)
 
   # model
   config.model = model = ml_collections.ConfigDict()

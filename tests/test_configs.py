@@ -16,7 +16,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIGS = sorted(
     os.path.relpath(os.path.join(d, f), ROOT)[:-3].replace(os.sep, '.')
     for d, _, files in os.walk(os.path.join(ROOT, 'configs'))
-    for f in files if f.endswith('.py') and not f.startswith(('default_', '__', 'presets')))
+    for f in files if f.endswith('.py') and not f.startswith(('default_', '__', 'presets'))
+    and os.path.basename(d) != 'sweeps')  # sweep files (get_sweep) are tested in test_sweep.py
 # Fields that are real numbers in every config; an int here rejects float overrides.
 REAL_FIELDS = {
     'model': ('sigma_min', 'sigma_max', 'beta_min', 'beta_max', 'dropout', 'ema_rate', 'fourier_scale',
