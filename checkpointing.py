@@ -242,7 +242,10 @@ def _specs(tree: Any) -> Dict[str, Tuple[Tuple[int, ...], str]]:
 def _mismatch(manager: ocp.CheckpointManager, step: int, like: Any) -> Optional[str]:
   """How checkpoint `step`'s arrays differ from `like`'s, or None when they match."""
   stored = manager.item_metadata(step)
-  stored = _specs(getattr(stored, 'tree', stored))
+  stored = _specs(getattr(stored, 'tree', stored)) if stored is not None else {}
+  if not stored:  # nothing readable: a damaged step, not another config
+    raise CorruptCheckpointError(f'Checkpoint {_step_dir(manager, step)} has no readable array '
+                                 'metadata.')
   wanted = _specs(like)
   diffs = [f'{p}: {stored[p][0]} {stored[p][1]} in the checkpoint, {wanted[p][0]} '
            f'{wanted[p][1]} in this config' for p in sorted(stored.keys() & wanted.keys())
