@@ -592,6 +592,9 @@ def dataset_info(config, *, count: bool = True) -> dict:
           'num_classes': spec.num_classes}
   if spec.kind == 'digits':
     _check_digits_shape(config)
+  elif spec.kind in ('tfds', 'tfrecord') and channels != 3:  # all RGB; no conversion
+    raise ValueError(f'{spec.name} images are RGB: config.data.num_channels must be 3, got '
+                     f'{channels}.')
   if not count:
     return info
   if spec.kind == 'digits':

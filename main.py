@@ -26,13 +26,15 @@ def check_config_args(argv) -> None:
   args = argv[1:argv.index('--')] if '--' in argv else argv[1:]
   path, keys = None, []
   for i, arg in enumerate(args):
-    match = re.fullmatch(r'--(?:no)?config(\.[^=]+)?(?:=(.*))?', arg)
+    match = re.fullmatch(r'--?(?:no)?config(\.[^=]+)?(?:=(.*))?', arg)
     if not match:
       continue
     if match.group(1):
       keys.append(match.group(1)[1:])
     else:
-      path = match.group(2) if match.group(2) is not None else (args[i + 1] if i + 1 < len(args) else None)
+      path = match.group(2)
+      if path is None and i + 1 < len(args):  # --config FILE
+        path = args[i + 1]
   if path is None:
     return  # absl reports the missing flag
   file, _, config_args = path.partition(':')

@@ -244,7 +244,8 @@ def _managers(run: Run):
   return meta, snapshots
 
 
-def _non_finite_error(run: Run, meta, losses_: np.ndarray, first: int) -> FloatingPointError:
+def _non_finite_error(meta, losses_: np.ndarray, first: int) -> FloatingPointError:
+  """The error that stops training on a non-finite loss, naming the checkpoint to resume from."""
   last_good = meta.latest_step()
   kept = (f'The last checkpoint (step {last_good}) stays in {meta.directory}'
           if last_good is not None else 'No checkpoint was saved before it')
@@ -287,7 +288,7 @@ def _train_loop(run: Run, meta, snapshots, step: int) -> Dict[str, Any]:
       new_state, step_losses = train_step(run.state, _next_batches(run, train_iter, n))
       step_losses = np.asarray(jax.device_get(step_losses))
       if not np.all(np.isfinite(step_losses)):
-        raise _non_finite_error(run, meta, step_losses, before + 1)
+        raise _non_finite_error(meta, step_losses, before + 1)
       run.state, step = new_state, before + n
       # Saved first: nothing that follows (logging, evaluation, sampling) can lose this state.
       if step == t.n_iters or _crossed(before, step, t.snapshot_freq_for_preemption):

@@ -75,8 +75,8 @@ def check_input_shape(config, shape: Optional[Sequence[int]] = None) -> Tuple[in
   """
   expected = tuple(int(s) for s in input_shape(config)[1:])
   data = config.data
-  fields = ('config.data.dim' if len(expected) == 1 else
-            f'config.data.image_size={data.image_size}, config.data.num_channels={data.num_channels}')
+  fields = ('config.data.dim' if len(expected) == 1 else f'config.data.image_size='
+            f'{data.image_size}, config.data.num_channels={data.num_channels}')
   if shape is not None and tuple(int(s) for s in shape) != expected:
     raise ValueError(f'Input of shape {tuple(shape)} per example, but the {config.model.name} '
                      f'network of this config takes {expected} ({fields}).')

@@ -108,7 +108,8 @@ def test_checkpoint_of_another_shape_is_refused_and_nothing_changes(tmp_path):
   directory = _saved(tmp_path)
   before = _tree(directory)
   with pytest.raises(checkpointing.CheckpointMismatchError,
-                     match=r"w: \(4096,\) float32 in the checkpoint, \(32,\) float32 in this config"):
+                     match=r'w: \(4096,\) float32 in the checkpoint, \(32,\) float32 in this '
+                           r'config'):
     checkpointing.restore_latest(checkpointing.make_manager(directory), _state(0, n=32))
   with pytest.raises(checkpointing.CheckpointMismatchError, match='extra: only in this config'):
     checkpointing.restore_latest(checkpointing.make_manager(directory),
@@ -155,7 +156,8 @@ def test_second_writer_is_refused_and_stale_lock_taken_over(tmp_path, caplog):
   # A holder in another process, killed without releasing: its lock is stale.
   holder = subprocess.Popen(
       [sys.executable, '-c', 'import sys, time, checkpointing; '
-       'checkpointing.WorkdirLock(sys.argv[1], "training").__enter__(); print("locked", flush=True); '
+       'checkpointing.WorkdirLock(sys.argv[1], "training").__enter__(); '
+       'print("locked", flush=True); '
        'time.sleep(600)', str(tmp_path)], cwd=ROOT, stdout=subprocess.PIPE, text=True,
       env=dict(os.environ, JAX_PLATFORMS='cpu'))
   try:

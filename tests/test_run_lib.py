@@ -70,10 +70,11 @@ def test_main_trains_and_evaluates_toy(tmp_path):
   assert 'train: step 22' in out
   lines = [json.loads(l) for l in open(tmp_path / 'metrics.jsonl')]
   assert [l['step'] for l in lines] == [5, 10, 15, 20] and all(np.isfinite(l['training_loss']) for l in lines)
-  assert checkpointing.all_steps(checkpointing.make_manager(str(tmp_path / 'checkpoints-meta'))) == [10, 20, 22]
+  assert _steps(tmp_path) == [10, 20, 22]
   # end_ckpt left at its default: the final snapshot of the training config (3, step 22).
-  out = _main(tmp_path, '--mode=eval', *n, '--config.eval.batch_size=10000', '--config.eval.begin_ckpt=2',
-              '--config.eval.enable_sampling=False', '--config.eval.bpd_num_repeats=1')
+  out = _main(tmp_path, '--mode=eval', *n, '--config.eval.batch_size=10000',
+              '--config.eval.begin_ckpt=2', '--config.eval.enable_sampling=False',
+              '--config.eval.bpd_num_repeats=1')
   results = [json.loads(l) for l in open(tmp_path / 'eval' / 'results.jsonl')]
   assert [(r['ckpt'], r['step']) for r in results] == [(2, 20), (3, 22)]
   assert all(np.isfinite(r['bpd']) and np.isfinite(r['loss']) for r in results)
@@ -320,7 +321,7 @@ def test_eval_of_missing_snapshots_fails_naming_what_exists(workdir):
 
 def test_non_finite_message_without_checkpoint(tmp_path):
   meta = checkpointing.make_manager(str(tmp_path / 'meta'))
-  error = run_lib._non_finite_error(None, meta, np.array([np.nan]), 1)
+  error = run_lib._non_finite_error(meta, np.array([np.nan]), 1)
   assert 'No checkpoint was saved before it' in str(error) and 'None' not in str(error)
 
 
@@ -347,6 +348,11 @@ def test_bad_schedule_and_shapes_are_rejected_before_work(tmp_path, monkeypatch)
   with pytest.raises(ValueError, match=r'Input of shape \(8, 8, 3\) per example, but the ncsnpp '
                                        r'network of this config takes \(8, 8, 1\)'):
     mutils.check_input_shape(vp_ddpmpp_continuous.get_config(), (8, 8, 3))
+  from configs.vp import cifar10_ddpmpp_continuous
+  cifar = cifar10_ddpmpp_continuous.get_config()
+  cifar.data.num_channels = 1  # CIFAR-10 is RGB: the data could never fit this network
+  with pytest.raises(ValueError, match='CIFAR10 images are RGB: config.data.num_channels must be'):
+    run_lib.train(cifar, str(tmp_path))
 
 
 def test_validation_does_no_io(monkeypatch):
@@ -356,14 +362,16 @@ def test_validation_does_no_io(monkeypatch):
 
 
 def test_metrics_of_lost_steps_are_rolled_back(tmp_path):
-  (tmp_path / 'metrics.jsonl').write_text(''.join(json.dumps({'step': s}) + '\n' for s in (5, 10, 15)))
+  (tmp_path / 'metrics.jsonl').write_text(''.join(json.dumps({'step': s}) + '\n'
+                                                  for s in (5, 10, 15)))
   run_lib.MetricLog(str(tmp_path), True, resume_step=10)
   assert [json.loads(l)['step'] for l in open(tmp_path / 'metrics.jsonl')] == [5, 10]
   assert [json.loads(l)['step'] for l in open(tmp_path / 'metrics.rolled_back.jsonl')] == [15]
 
 
 @pytest.mark.parametrize('args, match', [
-    (['--config', 'configs/digits/__init__.py'], r'configs/digits/__init__.py defines no get_config\(\)'),
+    (['--config', 'configs/digits/__init__.py'],
+     r'configs/digits/__init__.py defines no get_config\(\)'),
     (['--config', 'configs/toy/vp_ring2d.py', '--config.training.foo=3'],
      r"--config.training.foo: config.training has no key 'foo'; its keys: \[.*'batch_size'"),
 ])
