@@ -636,11 +636,12 @@ def get_dataset(config, *, split: str = 'train', evaluation: bool = False, start
                      dequant_seed)
 
 
-def dataset_info(config) -> dict:
+def dataset_info(config, *, count: bool = True) -> dict:
   """Facts about the configured data set: examples per split, data shape, 8-bit images or not.
 
   Keys: 'name', 'splits' ({'train': n, 'test': n}; n None for the infinite toy training data),
   'shape' (one example's), 'is_8bit_image' (bits/dim applies), 'num_classes' (0: no labels).
+  count=False: no 'splits' and no I/O (validates the data set name and shape only).
   """
   spec = _spec(config)
   if spec.kind == 'toy':
@@ -651,6 +652,13 @@ def dataset_info(config) -> dict:
   num_classes = len(_folder_listing(config).classes) if spec.kind == 'folder' else spec.num_classes
   info = {'name': spec.name, 'shape': (size, size, channels), 'is_8bit_image': True,
           'num_classes': num_classes}
+  if spec.kind == 'digits':
+    _check_digits_shape(config)
+  elif spec.kind in ('tfds', 'tfrecord') and channels != 3:  # all RGB; no conversion
+    raise ValueError(f'{spec.name} images are RGB: config.data.num_channels must be 3, got '
+                     f'{channels}.')
+  if not count:
+    return info
   if spec.kind == 'digits':
     splits = {s: len(load_digits_split(s)[1]) for s in ('train', 'test')}
   else:

@@ -88,7 +88,8 @@ def _psd_sqrt(a: np.ndarray) -> np.ndarray:
 
 def frechet_distance(mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray,
                      sigma2: np.ndarray) -> float:
-  """Frechet (2-Wasserstein) distance^2 between N(mu1, sigma1) and N(mu2, sigma2)."""
+  """Frechet (2-Wasserstein) distance^2 between N(mu1, sigma1) and N(mu2, sigma2); >= 0 (float
+  round-off, e.g. -6e-14 for a set with itself, is clamped to 0)."""
   mu1, mu2 = np.asarray(mu1, np.float64), np.asarray(mu2, np.float64)
   s1, s2 = np.asarray(sigma1, np.float64), np.asarray(sigma2, np.float64)
   if mu1.shape != mu2.shape or s1.shape != s2.shape or s1.shape != mu1.shape * 2:
@@ -99,7 +100,7 @@ def frechet_distance(mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray,
   eig = np.linalg.eigvalsh((m + m.T) / 2.)  # = eigenvalues of S1 S2, all >= 0 in exact math
   tr_covmean = np.sum(np.sqrt(_clip_null(eig)))
   diff = mu1 - mu2
-  return float(diff @ diff + np.trace(s1) + np.trace(s2) - 2. * tr_covmean)
+  return max(0., float(diff @ diff + np.trace(s1) + np.trace(s2) - 2. * tr_covmean))
 
 
 def inception_score(logits: np.ndarray, splits: int = 10) -> float:

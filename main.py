@@ -1,5 +1,8 @@
 """Entry point: python main.py --config configs/<...>.py --workdir DIR --mode train|eval|stats."""
+import importlib.util
 import os
+import re
+import sys
 
 # TensorFlow (data pipelines only) must never take an accelerator or flood the log.
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
@@ -15,6 +18,53 @@ flags.DEFINE_enum('mode', None, ['train', 'eval', 'stats'],
                   'Running mode: train, eval, or stats (FID / KID reference statistics of the data).')
 flags.DEFINE_string('eval_folder', 'eval', 'Folder under workdir for evaluation results.')
 flags.mark_flags_as_required(['config', 'workdir', 'mode'])
+
+
+def check_config_args(argv) -> None:
+  """Raises a ValueError for a --config file without get_config() or a --config.<key> override of
+  a key the config does not have (listing the keys of that section), which ml_collections would
+  report as a bare AttributeError traceback."""
+  args = argv[1:argv.index('--')] if '--' in argv else argv[1:]
+  path, keys = None, []
+  for i, arg in enumerate(args):
+    match = re.fullmatch(r'--?(?:no)?config(\.[^=]+)?(?:=(.*))?', arg)
+    if not match:
+      continue
+    if match.group(1):
+      keys.append(match.group(1)[1:])
+    else:
+      path = match.group(2)
+      if path is None and i + 1 < len(args):  # --config FILE
+        path = args[i + 1]
+  if path is None:
+    return  # absl reports the missing flag
+  file, _, config_args = path.partition(':')
+  if not os.path.isfile(file):
+    raise ValueError(f'--config {path}: no file {file!r}.')
+  spec = importlib.util.spec_from_file_location('_checked_config', file)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  if not callable(getattr(module, 'get_config', None)):
+    raise ValueError(f'--config {path}: {file} defines no get_config(); pass an experiment config '
+                     'file such as configs/digits/vp_ddpmpp_continuous.py.')
+  config = module.get_config(*([config_args] if config_args else []))
+  for key in keys:
+    node, where = config, 'config'
+    for part in re.sub(r'\[[^\]]*\]', '', key).split('.'):
+      if not hasattr(node, 'keys') or part not in node:
+        known = sorted(node.keys()) if hasattr(node, 'keys') else []
+        raise ValueError(f'--config.{key}: {where} has no key {part!r}; its keys: {known}.')
+      node, where = node[part], f'{where}.{part}'
+
+
+def parse_flags(argv):
+  """absl's flag parsing, after check_config_args: a bad config argument exits 1 with one line."""
+  try:
+    check_config_args(argv)
+  except ValueError as e:
+    sys.stderr.write(f'FATAL Flags parsing error: {e}\n')
+    sys.exit(1)
+  return app.parse_flags_with_usage(argv)
 
 
 def initialize_distributed() -> None:
@@ -58,4 +108,4 @@ def main(argv):
 
 
 if __name__ == '__main__':
-  app.run(main)
+  app.run(main, flags_parser=parse_flags)

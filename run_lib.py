@@ -64,14 +64,67 @@ def _check_workdir(workdir: str) -> str:
   return workdir
 
 
-def setup(config, workdir: str) -> Run:
-  """Validates names and sizes, then builds the mesh, SDE, model and (replicated) initial state."""
-  workdir = _check_workdir(workdir)
-  sde, eps = sde_lib.get_sde(config)  # unknown SDE -> ValueError
+def _check_int(section: str, name: str, value, low: int, *, allowed=()) -> None:
+  if value in allowed:
+    return
+  if isinstance(value, bool) or int(value) != value or value < low:
+    extra = ''.join(f' or {a}' for a in allowed)
+    raise ValueError(f'config.{section}.{name}={value!r} must be an integer >= {low}{extra}.')
+
+
+def check_run_config(config) -> None:
+  """Raises a ValueError naming the field on a bad training / evaluation schedule (no I/O)."""
+  t, e = config.training, config.eval
+  for name in ('n_iters', 'n_jitted_steps', 'snapshot_freq'):
+    _check_int('training', name, t[name], 1)
+  for name in ('log_freq', 'eval_freq', 'snapshot_freq_for_preemption'):  # 0: never
+    _check_int('training', name, t[name], 0)
+  _check_int('training', 'max_to_keep', t.get('max_to_keep', None), 1, allowed=(None,))
+  for name in ('begin_ckpt', 'end_ckpt'):  # None: the final snapshot; -1: the latest one
+    _check_int('eval', name, e.get(name, None), 1, allowed=(None, -1))
+  begin, end = (_resolve_ckpt(config, e.get(n, None), None) for n in ('begin_ckpt', 'end_ckpt'))
+  if begin is not None and end is not None and begin > end:
+    raise ValueError(f'config.eval.begin_ckpt={e.begin_ckpt} > config.eval.end_ckpt={e.end_ckpt} '
+                     f'(snapshots {begin} > {end}; None means the final snapshot of '
+                     f'config.training, {final_snapshot(config)}): nothing to evaluate.')
+
+
+def snapshot_number(step: int, snapshot_freq: int) -> int:
+  """The number of the snapshot (in <workdir>/checkpoints) that holds the state at `step`:
+  snapshot i is step i * snapshot_freq, and the final state of a run whose n_iters is not a
+  multiple of snapshot_freq is snapshot ceil(n_iters / snapshot_freq)."""
+  return -(-int(step) // int(snapshot_freq))
+
+
+def final_snapshot(config) -> int:
+  """The last snapshot that training with this config writes."""
+  return snapshot_number(config.training.n_iters, config.training.snapshot_freq)
+
+
+def _resolve_ckpt(config, value: Optional[int], latest: Optional[int]) -> Optional[int]:
+  """eval.begin_ckpt / end_ckpt as a snapshot number: None -> the final snapshot of the
+  training config, -1 -> `latest` (the newest existing snapshot; None when there is none)."""
+  if value is None:
+    return final_snapshot(config)
+  return latest if value == -1 else int(value)
+
+
+def check_config(config) -> None:
+  """Every check that needs neither I/O nor compilation: names, sizes, schedules."""
+  sde_lib.get_sde(config)  # unknown SDE -> ValueError
   mutils.get_model(config.model.name)  # unknown model -> ValueError
   losses.get_optimizer(config)  # unknown optimizer -> ValueError
-  datasets.dataset_info(config)  # unknown data set -> ValueError
+  datasets.dataset_info(config, count=False)  # unknown data set -> ValueError
+  mutils.check_input_shape(config)  # image size vs the network -> ValueError
   sampling.check_sampling_config(config)  # unknown sampler names -> ValueError
+  check_run_config(config)
+
+
+def setup(config, workdir: str) -> Run:
+  """Validates names and sizes, then builds the mesh, SDE, model and (replicated) initial state."""
+  check_config(config)
+  workdir = _check_workdir(workdir)
+  sde, eps = sde_lib.get_sde(config)
   mesh = parallel.make_mesh()
   parallel.check_batch_size(config.training.batch_size, mesh, 'config.training.batch_size')
   parallel.check_batch_size(config.eval.batch_size, mesh, 'config.eval.batch_size')
@@ -91,14 +144,32 @@ def _sample_shape(run: Run, n: int):
 class MetricLog:
   """metrics.jsonl (one JSON object per logged step) plus TensorBoard events; process 0 writes."""
 
-  def __init__(self, workdir: str, is_main: bool):
+  def __init__(self, workdir: str, is_main: bool, resume_step: Optional[int] = None):
     self.is_main = is_main
     self.path = os.path.join(workdir, 'metrics.jsonl')
     self.writer = None
     if is_main:
+      if resume_step is not None:
+        self._roll_back(resume_step)
       from clu import metric_writers
       self.writer = metric_writers.create_default_writer(os.path.join(workdir, 'tensorboard'),
                                                          asynchronous=False)
+
+  def _roll_back(self, step: int) -> None:
+    """Moves the lines logged after `step` (work lost in a kill since the checkpoint the run
+    resumes from) to metrics.rolled_back.jsonl, so that metrics.jsonl has each step once."""
+    if not os.path.exists(self.path):
+      return
+    with open(self.path) as f:
+      lines = [l for l in f if l.strip()]
+    later = [l for l in lines if json.loads(l)['step'] > step]
+    if later:
+      with open(self.path.replace('.jsonl', '.rolled_back.jsonl'), 'a') as f:
+        f.writelines(later)
+      tmp = self.path + '.tmp'
+      with open(tmp, 'w') as f:
+        f.writelines(l for l in lines if json.loads(l)['step'] <= step)
+      os.replace(tmp, self.path)
 
   def write(self, step: int, **scalars: float) -> None:
     if not self.is_main:
@@ -149,6 +220,7 @@ def _draw_samples(run: Run, sampling_fn, params, n: int, seed_offset: int):
 def _next_batches(run: Run, iterator: Iterator, n: int):
   """n host batches stacked to [n, B, ...], scaled, and sharded over the mesh's 'data' axis."""
   images = np.stack([run.scaler(next(iterator)['image']) for _ in range(n)]).astype(np.float32)
+  mutils.check_input_shape(run.config, images.shape[2:])  # data vs network, before compiling
   return parallel.shard_batch(run.mesh, {'image': images}, leading_axes=1)
 
 
@@ -157,17 +229,47 @@ def _crossed(before: int, after: int, freq: int) -> bool:
   return freq > 0 and after // freq > before // freq
 
 
-def train(config, workdir: str) -> Dict[str, Any]:
-  """Trains from the latest checkpoint (or from scratch); saves on schedule and on SIGTERM."""
-  run = setup(config, workdir)
-  t = config.training
-  meta = checkpointing.make_manager(os.path.join(run.workdir, 'checkpoints-meta'),
-                                    t.get('max_to_keep', 3))
-  snapshots = checkpointing.make_manager(os.path.join(run.workdir, 'checkpoints'))
-  run.state, resumed = checkpointing.restore_latest(meta, run.state)
-  step = int(run.state.step)
-  logging.info('%s at step %d.', 'Resuming' if resumed is not None else 'Starting', step)
+def _chunk(step: int, t) -> int:
+  """Steps in the next fused train_step call: n_jitted_steps, cut to end exactly at n_iters and
+  at each snapshot step (multiples of snapshot_freq)."""
+  return min(int(t.n_jitted_steps), int(t.n_iters) - step,
+             int(t.snapshot_freq) - step % int(t.snapshot_freq))
 
+
+def _managers(run: Run):
+  """(checkpoints-meta, checkpoints): the resume checkpoints, by training step, and the
+  snapshots that evaluate() sweeps, by snapshot number (snapshot_number)."""
+  meta = checkpointing.make_manager(os.path.join(run.workdir, 'checkpoints-meta'),
+                                    run.config.training.get('max_to_keep', 3), clean_tmp=True)
+  snapshots = checkpointing.make_manager(os.path.join(run.workdir, 'checkpoints'), clean_tmp=True)
+  return meta, snapshots
+
+
+def _non_finite_error(meta, losses_: np.ndarray, first: int) -> FloatingPointError:
+  """The error that stops training on a non-finite loss, naming the checkpoint to resume from."""
+  last_good = meta.latest_step()
+  kept = (f'The last checkpoint (step {last_good}) stays in {meta.directory}'
+          if last_good is not None else 'No checkpoint was saved before it')
+  return FloatingPointError(
+      f'Non-finite training loss {losses_.tolist()} at steps {first}..{first + len(losses_) - 1}; '
+      f'stopping. {kept}; lower optim.lr or check the data.')
+
+
+def train(config, workdir: str) -> Dict[str, Any]:
+  """Trains from the latest good checkpoint (or from scratch) to exactly config.training.n_iters;
+  saves on schedule and on SIGTERM. One training per workdir (checkpointing.WorkdirLock)."""
+  check_config(config)
+  with checkpointing.WorkdirLock(_check_workdir(workdir), 'training'):
+    run = setup(config, workdir)
+    meta, snapshots = _managers(run)
+    run.state, resumed = checkpointing.restore_latest(meta, run.state)
+    step = int(run.state.step)
+    logging.info('%s at step %d.', 'Resuming' if resumed is not None else 'Starting', step)
+    return _train_loop(run, meta, snapshots, step)
+
+
+def _train_loop(run: Run, meta, snapshots, step: int) -> Dict[str, Any]:
+  config, t = run.config, run.config.training
   optimizer = losses.get_optimizer(config)
   train_step = losses.get_step_fn(config, run.sde, run.model, optimizer, train=True, mesh=run.mesh)
   eval_step = losses.get_step_fn(config, run.sde, run.model, optimizer, train=False, mesh=run.mesh)
@@ -176,24 +278,22 @@ def train(config, workdir: str) -> Dict[str, Any]:
   sampling_fn = (sampling.get_sampling_fn(config, run.sde, run.model, _sample_shape(run, t.batch_size),
                                           run.inverse_scaler, run.eps, mesh=run.mesh)
                  if t.snapshot_sampling else None)
-  log = MetricLog(run.workdir, run.is_main)
+  log = MetricLog(run.workdir, run.is_main, resume_step=step)
   progress = _progress(run, step, t.n_iters)
-  n = int(t.n_jitted_steps)
   last_loss = float('nan')
 
   with checkpointing.TerminationFlag() as termination:
     # All hosts stop at the same step, even when SIGTERM reached only some of them.
     while step < t.n_iters and not parallel.any_process(termination.requested):
-      before = step
+      before, n = step, _chunk(step, t)
       new_state, step_losses = train_step(run.state, _next_batches(run, train_iter, n))
       step_losses = np.asarray(jax.device_get(step_losses))
       if not np.all(np.isfinite(step_losses)):
-        last_good = meta.latest_step()
-        raise FloatingPointError(
-            f'Non-finite training loss {step_losses.tolist()} at steps {before + 1}..{before + n}; '
-            f'stopping. The last good checkpoint (step {last_good}) stays in '
-            f'{os.path.join(run.workdir, "checkpoints-meta")}; lower optim.lr or check the data.')
+        raise _non_finite_error(meta, step_losses, before + 1)
       run.state, step = new_state, before + n
+      # Saved first: nothing that follows (logging, evaluation, sampling) can lose this state.
+      if step == t.n_iters or _crossed(before, step, t.snapshot_freq_for_preemption):
+        checkpointing.save(meta, step, run.state)
       last_loss = float(step_losses[-1])
       progress.update(n)
       if _crossed(before, step, t.log_freq):
@@ -202,23 +302,24 @@ def train(config, workdir: str) -> Dict[str, Any]:
       if _crossed(before, step, t.eval_freq):
         eval_batch = parallel.shard_batch(run.mesh, {'image': run.scaler(next(eval_iter)['image'])})
         log.write(step, eval_loss=float(eval_step(run.state, eval_batch)))
-      if _crossed(before, step, t.snapshot_freq_for_preemption):
-        checkpointing.save(meta, step, run.state)
-      if _crossed(before, step, t.snapshot_freq) or step >= t.n_iters:
+      if step % t.snapshot_freq == 0 and step < t.n_iters:
         _snapshot(run, snapshots, sampling_fn, step)
-    if meta.latest_step() != step:  # the final or preempted state, unless just saved
+    preempted = step < t.n_iters  # the loop only ends early on SIGTERM (on this host or another)
+    if preempted and meta.latest_step() != step:
       checkpointing.save(meta, step, run.state)
+  if not preempted:  # the final snapshot (kept as it is when a finished run is run again)
+    _snapshot(run, snapshots, sampling_fn, step)
   progress.close()
-  preempted = step < t.n_iters  # the loop only ends early on SIGTERM (on this host or another)
   if preempted:
     logging.warning('SIGTERM received: saved step %d in %s and stopped.', step, meta.directory)
   return {'step': step, 'loss': last_loss, 'preempted': preempted}
 
 
 def _snapshot(run: Run, snapshots, sampling_fn, step: int) -> None:
-  """Saves snapshot number step // snapshot_freq (what evaluate() sweeps), and samples if asked."""
-  ckpt = max(step // max(run.config.training.snapshot_freq, 1), 1)
-  checkpointing.save(snapshots, ckpt, run.state)
+  """Saves snapshot snapshot_number(step) (what evaluate() sweeps), then samples if asked."""
+  ckpt = snapshot_number(step, run.config.training.snapshot_freq)
+  if not checkpointing.save(snapshots, ckpt, run.state, info={'step': step}):
+    return  # already there: a finished run run again
   if run.is_main:
     plots.training_plots(run.workdir)
   if sampling_fn is not None:
@@ -238,26 +339,61 @@ def _progress(run: Run, step: int, total: int):
 # Evaluation.
 
 
-def _done_ckpts(results_path: str) -> set:
+def _done_ckpts(results_path: str) -> Dict[int, Dict[str, Any]]:
+  """{ckpt: its latest result} from results.jsonl."""
   if not os.path.exists(results_path):
-    return set()
+    return {}
   with open(results_path) as f:
-    return {json.loads(line)['ckpt'] for line in f if line.strip()}
+    return {r['ckpt']: r for r in (json.loads(line) for line in f if line.strip())}
 
 
 def _wait_for_snapshot(run: Run, snapshots, ckpt: int, timeout_s: float):
-  """Restores snapshot `ckpt`, waiting up to timeout_s for a training run to write it."""
-  deadline = time.time() + timeout_s
+  """(state, '') of snapshot `ckpt`, waiting up to timeout_s for a training run to write it, or
+  (None, why): 'missing', or what is wrong with a damaged one (skipped, never waited for)."""
+  deadline, why = time.time() + timeout_s, 'missing'
   while True:
-    snapshots.reload()
-    if ckpt in snapshots.all_steps():
+    if checkpointing.has_step(snapshots, ckpt):
       try:
-        return checkpointing.restore(snapshots, ckpt, run.state)
+        return checkpointing.restore(snapshots, ckpt, run.state), ''
+      except checkpointing.CorruptCheckpointError as e:
+        return None, str(e)
+      except checkpointing.CheckpointMismatchError:
+        raise
       except Exception as e:  # pylint: disable=broad-except  (still being written, or broken)
-        logging.warning('Checkpoint %d not readable yet (%s).', ckpt, e)
-    if time.time() >= deadline:
-      return None
+        why = f'unreadable ({type(e).__name__}: {str(e)[:300]})'
+        logging.warning('Checkpoint %d not readable yet (%s).', ckpt, why)
+    if parallel.any_process(time.time() >= deadline):
+      return None, why
     time.sleep(min(10., max(deadline - time.time(), 0.)))
+
+
+def _outputs_dir(run: Run, eval_dir: str, ckpt: int, step: int) -> str:
+  """<eval_dir>/ckpt_<ckpt>, the sample rounds of snapshot `ckpt` at `step` with this config's
+  sampling settings; outputs found there of another step (a snapshot replaced when its run was
+  extended) or other settings are moved aside to ckpt_<ckpt>.replaced[.k], never reused."""
+  c = run.config
+  path = os.path.join(eval_dir, f'ckpt_{ckpt}')
+  marker = os.path.join(path, 'outputs_of.json')
+  key = json.loads(json.dumps({'step': step, 'seed': c.seed, 'batch_size': c.eval.batch_size,
+                               'sampling': c.sampling.to_dict()}))
+  if run.is_main:
+    if os.path.exists(marker):
+      with open(marker) as f:
+        stale = json.load(f) != key
+    else:  # absent: a new folder, or one written before markers (assumed to match)
+      stale = False
+    if stale:
+      new, k = path + '.replaced', 1
+      while os.path.exists(new):
+        k += 1
+        new = f'{path}.replaced.{k}'
+      os.rename(path, new)
+      logging.warning('Moved the evaluation outputs of another snapshot or setting aside: %s.', new)
+    os.makedirs(path, exist_ok=True)
+    with open(marker, 'w') as f:
+      json.dump(key, f)
+  checkpointing.barrier(f'outputs_dir_{ckpt}')
+  return path
 
 
 def _eval_loss(run: Run, state) -> float:
@@ -351,40 +487,90 @@ def _sample_quality(run: Run, state, ckpt_dir: str, extractor) -> Dict[str, floa
 
 
 def evaluate(config, workdir: str, eval_folder: str = 'eval') -> list:
-  """Evaluates snapshots begin_ckpt..end_ckpt (waiting for unwritten ones up to
-  eval.ckpt_timeout_s); appends one JSON object per checkpoint to <eval_folder>/results.jsonl."""
-  run = setup(config, workdir)
-  e = config.eval
-  eval_dir = os.path.join(run.workdir, eval_folder)
+  """Evaluates snapshots eval.begin_ckpt..eval.end_ckpt of <workdir>/checkpoints (None: the final
+  snapshot of config.training; -1: the newest existing one), waiting for unwritten ones up to
+  eval.ckpt_timeout_s. Appends one JSON object per snapshot to <eval_folder>/results.jsonl and
+  returns the results of the range (earlier ones included). One evaluation per folder
+  (checkpointing.WorkdirLock). Raises FileNotFoundError, listing the snapshots that exist, when
+  no snapshot of the range could be evaluated."""
+  check_config(config)
+  eval_dir = os.path.join(_check_workdir(workdir), eval_folder)
   os.makedirs(eval_dir, exist_ok=True)
+  with checkpointing.WorkdirLock(eval_dir, 'evaluation'):
+    run = setup(config, workdir)
+    # Read only: never cleaned or written here (a training run may be writing it).
+    snapshots = checkpointing.make_manager(os.path.join(run.workdir, 'checkpoints'))
+    existing = checkpointing.all_steps(snapshots)
+    latest = existing[-1] if existing else None
+    begin, end = (_resolve_ckpt(config, config.eval.get(n, None), latest)
+                  for n in ('begin_ckpt', 'end_ckpt'))
+    results = _evaluate_range(run, snapshots, eval_dir, begin, end)
+    if not results:
+      raise FileNotFoundError(_nothing_evaluated(run, snapshots, begin, end))
+    return results
+
+
+def _evaluate_range(run: Run, snapshots, eval_dir: str, begin: Optional[int],
+                    end: Optional[int]) -> list:
+  e = run.config.eval
   results_path = os.path.join(eval_dir, 'results.jsonl')
-  snapshots = checkpointing.make_manager(os.path.join(run.workdir, 'checkpoints'))
   done, results = _done_ckpts(results_path), []
   extractor = None
-  if e.enable_sampling and not config.data.get('dim', None):
+  if e.enable_sampling and not run.config.data.get('dim', None):
     import evaluation
     # Before any checkpoint work: missing Inception weights fail here, not after the first sweep.
-    extractor = evaluation.get_feature_extractor(config, run.workdir)
-  for ckpt in range(int(e.begin_ckpt), int(e.end_ckpt) + 1):
-    if ckpt in done:
+    extractor = evaluation.get_feature_extractor(run.config, run.workdir)
+  for ckpt in range(begin or 1, (end or 0) + 1):
+    info = checkpointing.read_info(snapshots, ckpt) or {}
+    if ckpt in done and 'step' in info and done[ckpt].get('step') == info['step']:
       logging.info('Checkpoint %d already evaluated in %s.', ckpt, results_path)
+      results.append(done[ckpt])
       continue
-    state = _wait_for_snapshot(run, snapshots, ckpt, float(e.get('ckpt_timeout_s', 0.)))
-    if state is None:
+    state, why = _wait_for_snapshot(run, snapshots, ckpt, float(e.get('ckpt_timeout_s', 0.)))
+    if state is None and why == 'missing':
       logging.warning('Checkpoint %d did not appear in %s; stopping the sweep.', ckpt,
                       snapshots.directory)
       break
-    result: Dict[str, Any] = {'ckpt': ckpt, 'step': int(state.step)}
-    if e.enable_loss:
-      result['loss'] = _eval_loss(run, state)
-    if e.enable_bpd:
-      result['bpd'] = _bpd(run, state)
-    if e.enable_sampling:
-      result.update(_sample_quality(run, state, os.path.join(eval_dir, f'ckpt_{ckpt}'), extractor))
-    logging.info('Checkpoint %d: %s', ckpt, result)
+    if state is None:
+      logging.warning('Skipping checkpoint %d: %s', ckpt, why)
+      continue
+    step = int(state.step)
+    if ckpt in done and done[ckpt].get('step', step) == step:  # no manifest to tell beforehand
+      results.append(done[ckpt])
+      continue
+    result = _evaluate_snapshot(run, state, ckpt, eval_dir, extractor)
     if run.is_main:
       with open(results_path, 'a') as f:
         f.write(json.dumps(result) + '\n')
       plots.eval_plots(eval_dir)
     results.append(result)
   return results
+
+
+def _evaluate_snapshot(run: Run, state, ckpt: int, eval_dir: str, extractor) -> Dict[str, Any]:
+  """{'ckpt', 'step'} and whichever of loss, bpd and sample quality config.eval enables."""
+  e = run.config.eval
+  step = int(state.step)
+  result: Dict[str, Any] = {'ckpt': ckpt, 'step': step}
+  if e.enable_loss:
+    result['loss'] = _eval_loss(run, state)
+  if e.enable_bpd:
+    result['bpd'] = _bpd(run, state)
+  if e.enable_sampling:
+    result.update(_sample_quality(run, state, _outputs_dir(run, eval_dir, ckpt, step), extractor))
+  logging.info('Checkpoint %d: %s', ckpt, result)
+  return result
+
+
+def _nothing_evaluated(run: Run, snapshots, begin: Optional[int], end: Optional[int]) -> str:
+  t = run.config.training
+  existing = checkpointing.all_steps(snapshots)
+  steps = {s: (checkpointing.read_info(snapshots, s) or {}).get('step') for s in existing}
+  listing = ', '.join(f'{s} (step {steps[s]})' if steps[s] is not None else str(s)
+                      for s in existing) or 'none'
+  wanted = f'{begin}..{end}' if begin is not None and end is not None else 'the newest'
+  return (f'No snapshot evaluated: wanted snapshots {wanted}, but {snapshots.directory} holds '
+          f'snapshots: {listing}. Snapshot i is the state at step i * snapshot_freq '
+          f'({t.snapshot_freq}); training with this config ends at snapshot '
+          f'{final_snapshot(run.config)} (n_iters={t.n_iters}). Choose existing snapshots with '
+          f'--config.eval.begin_ckpt / --config.eval.end_ckpt (-1: the newest).')

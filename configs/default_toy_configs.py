@@ -4,6 +4,7 @@ Derived from the CIFAR-10 defaults by overriding, with the SDE families of `conf
 sized for a run of a minute or two on 2 CPU cores. Experiment configs call `build`.
 """
 import ml_collections
+from ml_collections import config_dict
 
 from configs import default_cifar10_configs, presets
 
@@ -23,8 +24,10 @@ def get_default_configs() -> ml_collections.ConfigDict:
   training.n_jitted_steps = 5
 
   evaluate = config.eval
-  evaluate.begin_ckpt = 1  # checkpoints are numbered step // snapshot_freq
-  evaluate.end_ckpt = 5
+  # Snapshot i is the state at step i * snapshot_freq. None (the default): the final snapshot of
+  # config.training; -1: the newest existing one; --config.eval.begin_ckpt=1 sweeps them all.
+  evaluate.begin_ckpt = config_dict.placeholder(int)
+  evaluate.end_ckpt = config_dict.placeholder(int)
   evaluate.batch_size = 1000  # the toy test split has 10,000 points
   evaluate.enable_sampling = True
   evaluate.num_samples = 2000

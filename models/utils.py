@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import importlib
-from typing import Any, Callable, Optional, Tuple
+from typing import Any, Callable, Optional, Sequence, Tuple
 
 import flax.linen as nn
 import jax
@@ -10,6 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 
 import sde_lib
+from models import layers
 from registry import Registry
 
 # Modules that register networks on import; the registry imports them on a miss
@@ -62,6 +63,33 @@ def input_shape(config, batch_size: int = 1) -> Tuple[int, ...]:
   if getattr(data, 'dim', None):  # vector data (toy sets)
     return (batch_size, int(data.dim))
   return (batch_size, data.image_size, data.image_size, data.num_channels)
+
+
+def check_input_shape(config, shape: Optional[Sequence[int]] = None) -> Tuple[int, ...]:
+  """Raises a ValueError, before any tracing, unless the configured network takes inputs of this
+  per-example `shape` (default: the config's own, input_shape(config)[1:]); returns that shape.
+
+  Checks that `shape` is the config's data shape (config.data.dim, or image_size x image_size x
+  num_channels) and that the config's image size fits the U-Net's downsampling (len(ch_mult)
+  levels) and model.attn_resolutions.
+  """
+  expected = tuple(int(s) for s in input_shape(config)[1:])
+  data = config.data
+  fields = ('config.data.dim' if len(expected) == 1 else f'config.data.image_size='
+            f'{data.image_size}, config.data.num_channels={data.num_channels}')
+  if shape is not None and tuple(int(s) for s in shape) != expected:
+    raise ValueError(f'Input of shape {tuple(shape)} per example, but the {config.model.name} '
+                     f'network of this config takes {expected} ({fields}).')
+  m = config.model
+  if len(expected) == 3 and 'ch_mult' in m and 'attn_resolutions' in m:
+    try:
+      layers.unet_resolutions((1, *expected), len(m.ch_mult), tuple(m.attn_resolutions))
+    except ValueError as e:
+      raise ValueError(f'config.data.image_size={data.image_size} does not fit the '
+                       f'{m.name} network (model.ch_mult={tuple(m.ch_mult)}, '
+                       f'model.attn_resolutions={tuple(m.attn_resolutions)}): {e} Change the '
+                       f'image size or those model fields.') from None
+  return expected
 
 
 def init_model(rng: jax.Array, config, batch_size: int = 1) -> Tuple[nn.Module, Any, Any]:
