@@ -4,7 +4,18 @@ NOT run by the tests and never imported by the package: run once by hand, outsid
 import path, on scratch copies of the original repositories (see tests/data/README.md for the
 exact commands). The committed outputs are small data files; the test only reads them.
 
-Two stages, one per original implementation and its own Python environment:
+Three stages:
+
+  setup  (any Python): copies the two original repositories to a scratch folder and replaces
+         what cannot run there, never the network code: score_sde_pytorch's op/ package builds
+         CUDA extensions at import, so op/upfirdn2d.py becomes the original's own pure-torch
+         upfirdn2d_native (what the original runs on CPU anyway) and op/__init__.py stops
+         importing the fused activation (unused by these networks); score_sde's models/utils.py
+         imports flax.optim, flax.training.checkpoints, sde_lib and a classifier, gone from or
+         unneeded by current flax, so it is cut down to the two functions the networks call
+         (register_model, get_sigmas; same code).
+
+and one stage per original implementation, each in its own Python environment:
 
   torch  (a venv with torch, numpy, ml_collections): with score_sde_pytorch's own network code,
          tiny NCSN++ (VE), DDPM++ (VP) and DDPM (VP) networks are built, their weights
@@ -42,6 +53,7 @@ import functools
 import importlib
 import json
 import os
+import shutil
 import sys
 import types
 
@@ -99,6 +111,64 @@ def manifest_entry(name, fmt, expected, made_with, patched):
           'overrides': {**TINY, **extra}, 'expected': expected, 'step': STEP,
           'made_with': made_with,
           'patched': 'GroupNorm groups min(C // 4, 32) instead of 32' if patched else None}
+
+
+# ------------------------------------------------------------------------------------------------
+# Scratch copies of the originals
+
+_TORCH_OP_INIT = 'from .upfirdn2d import upfirdn2d\n'
+_TORCH_UPFIRDN_HEAD = """# SCRATCH COPY (make_fixtures.py setup): the original builds a CUDA extension here at import.
+# On CPU the original's upfirdn2d calls upfirdn2d_native, kept below verbatim.
+import torch
+from torch.nn import functional as F
+
+
+def upfirdn2d(input, kernel, up=1, down=1, pad=(0, 0)):
+    return upfirdn2d_native(input, kernel, up, up, down, down, pad[0], pad[1], pad[0], pad[1])
+
+
+"""
+_JAX_UTILS = """# SCRATCH COPY (make_fixtures.py setup): the original models/utils.py imports flax.optim,
+# flax.training.checkpoints, sde_lib and a classifier; the networks need only these two functions
+# (the original's code).
+import jax.numpy as jnp
+
+_MODELS = {}
+
+
+def register_model(cls=None, *, name=None):
+  def _register(cls):
+    _MODELS[cls.__name__ if name is None else name] = cls
+    return cls
+  return _register if cls is None else _register(cls)
+
+
+def get_model(name):
+  return _MODELS[name]
+
+
+def get_sigmas(config):
+  return jnp.exp(jnp.linspace(jnp.log(config.model.sigma_max), jnp.log(config.model.sigma_min),
+                              config.model.num_scales))
+"""
+
+
+def setup_stage(score_sde, score_sde_pytorch, scratch):
+  torch_copy = os.path.join(scratch, 'score_sde_pytorch')
+  jax_copy = os.path.join(scratch, 'score_sde_jax')
+  shutil.copytree(score_sde_pytorch, torch_copy)
+  shutil.copytree(score_sde, jax_copy)
+  path = os.path.join(torch_copy, 'op', 'upfirdn2d.py')
+  with open(path) as f:
+    source = f.read()
+  native = source[source.index('def upfirdn2d_native('):]
+  with open(path, 'w') as f:
+    f.write(_TORCH_UPFIRDN_HEAD + native)
+  with open(os.path.join(torch_copy, 'op', '__init__.py'), 'w') as f:
+    f.write(_TORCH_OP_INIT)
+  with open(os.path.join(jax_copy, 'models', 'utils.py'), 'w') as f:
+    f.write(_JAX_UTILS)
+  print(f'Scratch copies in {torch_copy} and {jax_copy}.')
 
 
 # ------------------------------------------------------------------------------------------------
@@ -162,6 +232,7 @@ def torch_stage(original):
   entries = {}
   for name, (_, _, _, save_format) in FIXTURES.items():
     config = original_config(name)
+    torch.manual_seed(sorted(FIXTURES).index(name))  # the Fourier features' initial W
     gen = torch.Generator().manual_seed(sorted(FIXTURES).index(name))
     patched = config.model.name == 'ddpm'
     with groups_of_four() if patched else contextlib.nullcontext():
@@ -314,8 +385,14 @@ def jax_stage(original):
 
 if __name__ == '__main__':
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  parser.add_argument('stage', choices=['torch', 'jax'])
-  parser.add_argument('--original', required=True,
-                      help='scratch copy of score_sde_pytorch (torch) or score_sde (jax)')
+  parser.add_argument('stage', choices=['setup', 'torch', 'jax'])
+  parser.add_argument('--original', help='torch / jax: the scratch copy of score_sde_pytorch / '
+                      'score_sde (as made by setup)')
+  parser.add_argument('--score_sde', help='setup: the original score_sde checkout')
+  parser.add_argument('--score_sde_pytorch', help='setup: the original score_sde_pytorch checkout')
+  parser.add_argument('--scratch', help='setup: where to put the copies (must not exist yet)')
   args = parser.parse_args()
-  {'torch': torch_stage, 'jax': jax_stage}[args.stage](os.path.abspath(args.original))
+  if args.stage == 'setup':
+    setup_stage(args.score_sde, args.score_sde_pytorch, os.path.abspath(args.scratch))
+  else:
+    {'torch': torch_stage, 'jax': jax_stage}[args.stage](os.path.abspath(args.original))
