@@ -34,6 +34,25 @@ import torch_pickle
 FLAX_MSGPACK, PYTORCH_ZIP, PYTORCH_LEGACY = 'flax-msgpack', 'pytorch-zip', 'pytorch-legacy'
 # Networks the original released checkpoints of (NCSN++ and DDPM++ are both 'ncsnpp').
 SUPPORTED_MODELS = ('ncsnpp', 'ddpm')
+# Every checkpoint folder the original READMEs list -> the config here that goes with its files.
+RELEASED_CONFIGS = {
+    've/cifar10_ncsnpp': 'configs/ve/cifar10_ncsnpp.py',
+    've/cifar10_ncsnpp_continuous': 'configs/ve/cifar10_ncsnpp_continuous.py',
+    've/cifar10_ncsnpp_deep_continuous': 'configs/ve/cifar10_ncsnpp_deep_continuous.py',
+    'vp/cifar10_ddpm': 'configs/vp/ddpm/cifar10.py',
+    'vp/cifar10_ddpm_continuous': 'configs/vp/ddpm/cifar10_continuous.py',
+    'vp/cifar10_ddpmpp': 'configs/vp/cifar10_ddpmpp.py',
+    'vp/cifar10_ddpmpp_continuous': 'configs/vp/cifar10_ddpmpp_continuous.py',
+    'vp/cifar10_ddpmpp_deep_continuous': 'configs/vp/cifar10_ddpmpp_deep_continuous.py',
+    'subvp/cifar10_ddpm_continuous': 'configs/subvp/cifar10_ddpm_continuous.py',
+    'subvp/cifar10_ddpmpp_continuous': 'configs/subvp/cifar10_ddpmpp_continuous.py',
+    'subvp/cifar10_ddpmpp_deep_continuous': 'configs/subvp/cifar10_ddpmpp_deep_continuous.py',
+    've/bedroom_ncsnpp_continuous': 'configs/ve/bedroom_ncsnpp_continuous.py',
+    've/church_ncsnpp_continuous': 'configs/ve/church_ncsnpp_continuous.py',
+    've/ffhq_1024_ncsnpp_continuous': 'configs/ve/ffhq_ncsnpp_continuous.py',
+    've/ffhq_256_ncsnpp_continuous': 'configs/ve/ffhq_256_ncsnpp_continuous.py',
+    've/celebahq_256_ncsnpp_continuous': 'configs/ve/celebahq_256_ncsnpp_continuous.py',
+}
 # The original JAX NCSN++ module classes whose names differ here.
 _FLAX_RENAMES = {'AttnBlockpp': 'AttnBlock', 'ResnetBlockDDPMpp': 'ResnetBlockDDPM'}
 
@@ -163,15 +182,19 @@ def _from_flax_tree(tree) -> Tuple[Dict[Path, np.ndarray], Dict[Path, str]]:
   return flat, sources
 
 
-def _import_flax(path: str, config, layout: Layout) -> Dict[str, Any]:
+def _read_flax(path: str):
   from flax import serialization
   with open(path, 'rb') as f:
     data = f.read()
   try:
-    state = serialization.msgpack_restore(data)
+    return serialization.msgpack_restore(data)
   except Exception as e:  # pylint: disable=broad-except  (msgpack raises several types)
     raise ValueError(f'{path}: unreadable flax msgpack ({type(e).__name__}: {e}): truncated or '
                      f'corrupt; download it again.') from e
+
+
+def convert_flax_state(state, path: str, config, layout: Layout) -> Dict[str, Any]:
+  """score_sde's training state (a dict as msgpack_restore gives it) -> the import's result."""
   keys = sorted(state) if isinstance(state, dict) else type(state).__name__
   if (not isinstance(state, dict) or 'params_ema' not in state
       or not isinstance(state.get('optimizer'), dict) or 'target' not in state['optimizer']):
@@ -270,8 +293,9 @@ def _check_sigmas(others, path: str, config) -> None:
         f'model.num_scales / sigma_max / sigma_min to the checkpoint\'s.')
 
 
-def _import_torch(path: str, config, layout: Layout) -> Dict[str, Any]:
-  state = torch_pickle.load(path)
+def convert_torch_state(state, path: str, config, layout: Layout) -> Dict[str, Any]:
+  """score_sde_pytorch's checkpoint (the torch.save dict, tensors as numpy arrays) -> the
+  import's result."""
   if not isinstance(state, dict) or not isinstance(state.get('model'), dict):
     keys = sorted(state) if isinstance(state, dict) else type(state).__name__
     raise ValueError(f'{path}: a torch.save file, but not a score_sde_pytorch checkpoint (it has '
@@ -346,5 +370,5 @@ def import_original(path: str, config) -> Dict[str, Any]:
   fmt = detect_format(path)
   layout = network_layout(config)
   if fmt == FLAX_MSGPACK:
-    return _import_flax(path, config, layout)
-  return _import_torch(path, config, layout)
+    return convert_flax_state(_read_flax(path), path, config, layout)
+  return convert_torch_state(torch_pickle.load(path), path, config, layout)

@@ -9,6 +9,7 @@ training-state layout, with the original networks' outputs on a fixed input. The
 come from the originals (PyTorch, and score_sde's own flax code), never from this project's code.
 """
 import collections
+import gzip
 import importlib
 import importlib.util
 import json
@@ -24,6 +25,7 @@ import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
 import pytest
+from flax import traverse_util
 
 import checkpointing
 import original_checkpoints
@@ -71,6 +73,78 @@ def test_imported_network_matches_the_original(file):
                                                       jnp.asarray(expected['labels']))
     np.testing.assert_allclose(np.asarray(out), expected['out_' + which], rtol=1e-5,
                                atol=1e-5 * scale, err_msg=f'{file}: {which}')
+
+
+# ------------------------------------------------------------------------------------------------
+# Full-size released networks: the originals' parameter layouts (recorded from their own code in
+# released_layouts.json.gz) convert onto the networks of the configs named for them.
+
+with gzip.open(data('released_layouts.json.gz'), 'rt') as _f:
+  RELEASED_LAYOUTS = json.load(_f)
+_LAYOUTS = {}
+
+
+def _layout(config):
+  """network_layout, traced once per distinct network (several releases share one)."""
+  model = config.model.to_dict()
+  model.pop('ema_rate', None)
+  key = json.dumps([model, config.data.image_size, config.data.num_channels], sort_keys=True,
+                   default=str)
+  if key not in _LAYOUTS:
+    _LAYOUTS[key] = original_checkpoints.network_layout(config)
+  return _LAYOUTS[key]
+
+
+def _constant(shape, value):
+  """A full-size float32 array holding `value` everywhere, without the memory."""
+  return np.broadcast_to(np.float32(value), tuple(shape))
+
+
+def test_every_release_has_a_config():
+  assert sorted(original_checkpoints.RELEASED_CONFIGS) == sorted(RELEASED_LAYOUTS)
+  for path in original_checkpoints.RELEASED_CONFIGS.values():
+    assert os.path.exists(os.path.join(ROOT, path)), path
+
+
+@pytest.mark.parametrize('release', sorted(RELEASED_LAYOUTS))
+def test_full_size_release_converts(release):
+  path = original_checkpoints.RELEASED_CONFIGS[release]
+  config = importlib.import_module(path[:-len('.py')].replace('/', '.')).get_config()
+  layout = _layout(config)
+  original = RELEASED_LAYOUTS[release]
+  count, first, last = original['torch']['sigmas']
+  sigmas = mutils.get_sigmas(config)  # the config's noise levels are the original config's
+  assert len(sigmas) == count and np.allclose(sigmas[[0, -1]], [first, last], rtol=1e-6)
+
+  # score_sde: every parameter holds its index in the file; all land, each once, in the shapes
+  # the network expects (convert_flax_state raises on any mismatch).
+  flat = {tuple(name.split('/')): _constant(shape, i)
+          for i, (name, shape) in enumerate(original['flax'])}
+  tree = traverse_util.unflatten_dict(flat)
+  out = original_checkpoints.convert_flax_state(
+      {'step': 1, 'optimizer': {'target': tree}, 'params_ema': tree, 'model_state': {}},
+      release, config, layout)
+  values = sorted(int(v.flat[0]) for v in jax.tree_util.tree_leaves(out['ema_params']))
+  assert values == list(range(len(flat)))
+
+  # score_sde_pytorch: state dict entries hold their index, the EMA of each index + 0.5, in the
+  # original's model.parameters() order of the parameters that require gradients.
+  state_dict = collections.OrderedDict(
+      (name, _constant(shape, i)) for i, (name, shape) in enumerate(original['torch']['state_dict']))
+  state_dict['module.sigmas'] = sigmas
+  index = {name: i for i, name in enumerate(state_dict)}
+  shadow = [_constant(state_dict[n].shape, index[n] + 0.5) for n in original['torch']['trainable']]
+  out = original_checkpoints.convert_torch_state(
+      {'model': state_dict, 'ema': {'shadow_params': shadow}, 'optimizer': {}, 'step': 5},
+      release, config, layout)
+  assert out['step'] == 5
+  params = traverse_util.flatten_dict(out['params'])
+  ema = traverse_util.flatten_dict(out['ema_params'])
+  used = sorted(int(v.flat[0]) for v in params.values())
+  assert used == sorted(i for n, i in index.items() if n != 'module.sigmas')
+  for p, v in params.items():
+    fixed = p[0].startswith('GaussianFourierProjection')  # no gradient, so no EMA: from model
+    assert ema[p].flat[0] == v.flat[0] + (0. if fixed else 0.5), p
 
 
 # ------------------------------------------------------------------------------------------------

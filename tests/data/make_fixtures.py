@@ -78,6 +78,28 @@ FIXTURES = {
 STEP = 12345
 BATCH = 2
 
+# Every checkpoint the original READMEs list (its path there -> the original config it used),
+# whose full-size parameter layouts both stages record in released_layouts.json.gz.
+RELEASED = {
+    've/cifar10_ncsnpp': 'configs.ve.cifar10_ncsnpp',
+    've/cifar10_ncsnpp_continuous': 'configs.ve.cifar10_ncsnpp_continuous',
+    've/cifar10_ncsnpp_deep_continuous': 'configs.ve.cifar10_ncsnpp_deep_continuous',
+    'vp/cifar10_ddpm': 'configs.vp.ddpm.cifar10',
+    'vp/cifar10_ddpm_continuous': 'configs.vp.ddpm.cifar10_continuous',
+    'vp/cifar10_ddpmpp': 'configs.vp.cifar10_ddpmpp',
+    'vp/cifar10_ddpmpp_continuous': 'configs.vp.cifar10_ddpmpp_continuous',
+    'vp/cifar10_ddpmpp_deep_continuous': 'configs.vp.cifar10_ddpmpp_deep_continuous',
+    'subvp/cifar10_ddpm_continuous': 'configs.subvp.cifar10_ddpm_continuous',
+    'subvp/cifar10_ddpmpp_continuous': 'configs.subvp.cifar10_ddpmpp_continuous',
+    'subvp/cifar10_ddpmpp_deep_continuous': 'configs.subvp.cifar10_ddpmpp_deep_continuous',
+    've/bedroom_ncsnpp_continuous': 'configs.ve.bedroom_ncsnpp_continuous',
+    've/church_ncsnpp_continuous': 'configs.ve.church_ncsnpp_continuous',
+    've/ffhq_1024_ncsnpp_continuous': 'configs.ve.ffhq_ncsnpp_continuous',
+    've/ffhq_256_ncsnpp_continuous': 'configs.ve.ffhq_256_ncsnpp_continuous',
+    've/celebahq_256_ncsnpp_continuous': 'configs.ve.celebahq_256_ncsnpp_continuous',
+}
+LAYOUTS = os.path.join(HERE, 'released_layouts.json.gz')
+
 
 def original_config(name):
   module, extra, _, _ = FIXTURES[name]
@@ -103,6 +125,19 @@ def update_manifest(entries):
   with open(MANIFEST, 'w') as f:
     json.dump(dict(sorted(manifest.items())), f, indent=1)
     f.write('\n')
+
+
+def update_layouts(key, layouts):
+  """Stores `layouts` ({release path: [[name, shape], ...]}) under `key` of each release."""
+  import gzip
+  stored = {}
+  if os.path.exists(LAYOUTS):
+    with gzip.open(LAYOUTS, 'rt') as f:
+      stored = json.load(f)
+  for release, layout in layouts.items():
+    stored.setdefault(release, {})[key] = layout
+  with gzip.GzipFile(LAYOUTS, 'wb', mtime=0) as f:  # mtime 0: the same bytes on every run
+    f.write(json.dumps(dict(sorted(stored.items()))).encode())
 
 
 def manifest_entry(name, fmt, expected, made_with, patched):
@@ -297,6 +332,21 @@ def torch_stage(original):
   np.savez(os.path.join(HERE, 'torch_tensors_expected.npz'), **arrays)
   update_manifest(entries)
 
+  # Full-size layouts of the released networks: the state dict's keys in order, with shapes, as
+  # a DataParallel checkpoint has them; the parameters the EMA keeps (those that require
+  # gradients, in model.parameters() order); the noise levels (sigmas buffer: count, first, last).
+  layouts = {}
+  for release, module in RELEASED.items():
+    config = importlib.import_module(module).get_config()
+    model = mutils.get_model(config.model.name)(config)
+    sigmas = model.sigmas.numpy()
+    layouts[release] = {
+        'state_dict': [['module.' + k, list(v.shape)] for k, v in model.state_dict().items()],
+        'trainable': ['module.' + k for k, p in model.named_parameters() if p.requires_grad],
+        'sigmas': [len(sigmas), float(sigmas[0]), float(sigmas[-1])]}
+    print(f'{release}: {len(layouts[release]["state_dict"])} state dict entries')
+  update_layouts('torch', layouts)
+
 
 # ------------------------------------------------------------------------------------------------
 # JAX original (score_sde), run on current flax
@@ -307,8 +357,10 @@ def jax_stage(original):
   import flax
   import flax.linen as nn
   import jax
+  import jax.numpy as jnp
   from models import ddpm, ncsnpp  # noqa: F401  (register the networks)
   from models import utils as mutils
+  original_get_normalization = ddpm.get_normalization
 
   def randomise(params, key):
     """Every weight random and O(1)-scaled (as the torch stage); the Fourier W is kept."""
@@ -339,9 +391,9 @@ def jax_stage(original):
   for name in FIXTURES:
     config = original_config(name)
     patched = config.model.name == 'ddpm'
-    if patched:  # the original DDPM's get_normalization gives nn.GroupNorm with 32 groups
-      ddpm.get_normalization = lambda config, conditional=False: functools.partial(
-          nn.GroupNorm, num_groups=None, group_size=4)
+    # The original DDPM's get_normalization gives nn.GroupNorm with 32 groups.
+    ddpm.get_normalization = (lambda config, conditional=False: functools.partial(
+        nn.GroupNorm, num_groups=None, group_size=4)) if patched else original_get_normalization
     model = mutils.get_model(config.model.name)(config=config)
     x, labels = inputs(name, config.data.num_channels)
     seed = 100 + sorted(FIXTURES).index(name)
@@ -381,6 +433,30 @@ def jax_stage(original):
     print(f'{path}: {os.path.getsize(path)} bytes, output scale {np.abs(out_ema).max():.3g}, '
           f'raw vs EMA output differ by {np.abs(out_params - out_ema).max():.3g}')
   update_manifest(entries)
+  ddpm.get_normalization = original_get_normalization
+
+  # Full-size layouts of the released networks: the original flax parameter tree (names, shapes).
+  from flax import traverse_util
+  layouts = {}
+  for release, module in RELEASED.items():
+    # score_sde's ve/ffhq_ncsnpp_continuous imports torch for a config.device field nothing
+    # reads (left over from the PyTorch port); this environment has no torch: a stand-in.
+    sys.modules['torch'] = types.SimpleNamespace(
+        device=str, cuda=types.SimpleNamespace(is_available=lambda: False))
+    try:
+      config = importlib.import_module(module).get_config()
+    finally:
+      del sys.modules['torch']
+    model = mutils.get_model(config.model.name)(config=config)
+    shape = (1, config.data.image_size, config.data.image_size, config.data.num_channels)
+    params = jax.eval_shape(lambda: model.init(
+        {'params': jax.random.PRNGKey(0), 'dropout': jax.random.PRNGKey(1)},
+        jnp.zeros(shape), jnp.ones((1,)), train=False)['params'])
+    layouts[release] = [  # GroupNorm scale / bias as flax 0.3.1 stored them, as as_flax_031
+        ['/'.join(p), [1, 1, 1, v.shape[-1]] if p[-2].startswith('GroupNorm') else list(v.shape)]
+        for p, v in traverse_util.flatten_dict(params).items()]
+    print(f'{release}: {len(layouts[release])} parameters')
+  update_layouts('flax', layouts)
 
 
 if __name__ == '__main__':
