@@ -38,6 +38,13 @@ and one stage per original implementation, each in its own Python environment:
          (flax/linen/normalization.py of the flax-0.3.1 wheel: feature_shape = (1, ..., 1, C)).
          The expected outputs are the original JAX network's outputs on those weights.
 
+Both stages also record the full-size parameter layouts of every released network (RELEASED) in
+released_layouts.json.gz: the flax parameter tree (names, shapes as flax 0.3.1 stored them) from
+score_sde's code, and from score_sde_pytorch's the state dict (keys in order, shapes), the
+parameters that require gradients (what its EMA keeps, in order) and the noise levels (count,
+first, last). One of score_sde's configs (ve/ffhq_ncsnpp_continuous) imports torch for a field
+nothing reads; the jax stage gives it a stand-in while importing it.
+
 One deliberate change to the originals, for the tiny DDPM only: the original DDPM normalises with
 a fixed 32 groups, which no channel count below 128 fits the way this project's networks do
 (min(C // 4, 32) groups, identical to 32 for every released config, where C >= 128). The DDPM
