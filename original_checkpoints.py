@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
+import os
 import re
 import warnings
 from typing import Any, Dict, List, Optional, Tuple
@@ -62,7 +63,10 @@ Path = Tuple[str, ...]
 def detect_format(path: str) -> str:
   """'flax-msgpack', 'pytorch-zip' or 'pytorch-legacy', from the first bytes of the file.
 
-  Raises FileNotFoundError for a missing file and ValueError for any other content."""
+  Raises FileNotFoundError for a missing file and ValueError for a directory or any other content."""
+  if os.path.isdir(path):
+    raise ValueError(f'{path} is a directory: pass the checkpoint file inside it (checkpoint_N '
+                     f'or checkpoint_N.pth).')
   with open(path, 'rb') as f:
     head = f.read(64)
   if torch_pickle.is_zip(head):
@@ -176,6 +180,9 @@ def _from_flax_tree(tree) -> Tuple[Dict[Path, np.ndarray], Dict[Path, str]]:
     if (len(dst) > 1 and dst[-2].startswith('GroupNorm_') and dst[-1] in ('scale', 'bias')
         and value.ndim > 1 and all(n == 1 for n in value.shape[:-1])):
       value = value.reshape(value.shape[-1])  # flax 0.3.1 stored (1, 1, 1, C)
+    if dst in flat:
+      raise ValueError(f"Corrupt checkpoint: both '{sources.get(dst, '/'.join(dst))}' and "
+                       f"'{'/'.join(src)}' hold parameter '{'/'.join(dst)}'.")
     flat[dst] = value
     if dst != src:
       sources[dst] = '/'.join(src)
@@ -317,9 +324,12 @@ def convert_torch_state(state, path: str, config, layout: Layout) -> Dict[str, A
     flat_ema = flat_model
   else:
     # The EMA covers the parameters that require gradients, in model.parameters() order (the
-    # state dict's order): all but the fixed Fourier features.
+    # state dict's order): all but the fixed Fourier features (a file whose EMA kept them too
+    # pairs with every parameter).
     fixed = {source for p, source, _ in plan if p[0].startswith('GaussianFourierProjection')}
     trainable = [k for k in flat_model if k not in fixed]
+    if len(shadow) == len(flat_model):
+      trainable = list(flat_model)
     if len(shadow) != len(trainable):
       raise ValueError(f'{path}: the EMA has {len(shadow)} tensors but the model has '
                        f'{len(trainable)} trainable parameters: corrupt or mismatched checkpoint.')

@@ -75,6 +75,8 @@ def import_checkpoint(config, checkpoint: str, workdir: str, ckpt=None) -> dict:
   import original_checkpoints
 
   workdir = os.path.abspath(workdir)
+  if ckpt is not None and int(ckpt) < 0:
+    raise ValueError(f'--ckpt must be a snapshot number >= 0, got {ckpt}.')
   _refuse_existing(workdir)
   fmt = original_checkpoints.detect_format(checkpoint)
   imported = checkpointing.import_original(checkpoint, config)

@@ -285,9 +285,18 @@ def test_other_bad_input(tmp_path):
   config.model.name = 'ncsnv2_64'
   with pytest.raises(ValueError, match=r"'ncsnv2_64'.*valid choices: \['ncsnpp', 'ddpm'\]"):
     checkpointing.import_original(data('torch_ddpmpp_vp.pth'), config)
+  with pytest.raises(ValueError, match='is a directory: pass the checkpoint file inside'):
+    checkpointing.import_original(str(tmp_path), fixture_config('torch_ddpm_vp.pth'))
   # A torch.save file that is not a score_sde_pytorch checkpoint.
   with pytest.raises(ValueError, match='not a score_sde_pytorch checkpoint'):
     checkpointing.import_original(data('torch_tensors_zip.pt'), fixture_config('torch_ddpm_vp.pth'))
+  # An EMA that does not cover the model's trainable parameters.
+  config = fixture_config('torch_ddpm_vp.pth')
+  state = torch_pickle.load(data('torch_ddpm_vp.pth'))
+  state['ema']['shadow_params'].pop()
+  with pytest.raises(ValueError, match='the EMA has 131 tensors but the model has 132 trainable'):
+    original_checkpoints.convert_torch_state(state, 'ckpt.pth', config,
+                                             original_checkpoints.network_layout(config))
 
 
 # ------------------------------------------------------------------------------------------------
