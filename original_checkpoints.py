@@ -1,4 +1,5 @@
-"""The original's released checkpoints (score_sde in JAX, score_sde_pytorch) as this project's trees.
+"""The original's released checkpoints (score_sde in JAX, score_sde_pytorch) as this project's
+trees.
 
 The original released NCSN++, DDPM++ and DDPM checkpoints (links and the config of each file in
 docs/released_checkpoints.md), in two formats, told apart by the file's content:
@@ -63,7 +64,7 @@ Path = Tuple[str, ...]
 def detect_format(path: str) -> str:
   """'flax-msgpack', 'pytorch-zip' or 'pytorch-legacy', from the first bytes of the file.
 
-  Raises FileNotFoundError for a missing file and ValueError for a directory or any other content."""
+  Raises FileNotFoundError for a missing file, ValueError for a directory or any other content."""
   if os.path.isdir(path):
     raise ValueError(f'{path} is a directory: pass the checkpoint file inside it (checkpoint_N '
                      f'or checkpoint_N.pth).')
@@ -316,7 +317,8 @@ def convert_torch_state(state, path: str, config, layout: Layout) -> Dict[str, A
                      f'dict has entries {unexpected} outside all_modules.')
   _check_sigmas(others, path, config)
 
-  flat_model = {f'all_modules.{i}.{k}': v for i, entries in modules.items() for k, v in entries.items()}
+  flat_model = {f'all_modules.{i}.{k}': v
+                for i, entries in modules.items() for k, v in entries.items()}
   ema = state.get('ema')
   shadow = ema.get('shadow_params') if isinstance(ema, dict) else None
   if shadow is None:

@@ -1,4 +1,4 @@
-"""Reads files written by `torch.save` without torch, and without running any code the file names.
+"""Reads files written by `torch.save` without torch and without running any code the file names.
 
 A `torch.save` file is a pickle whose tensors point into raw storages, in one of two layouts:
 
@@ -14,7 +14,8 @@ tensors and plain containers need and rebuilds each tensor as a numpy array from
 offset, shape and strides; any other global raises `UnsafePickleError` naming it, before anything
 is called. Allowed: `collections.OrderedDict`; `torch._utils._rebuild_tensor(_v2)` and
 `_rebuild_parameter(_with_state)` (a Parameter becomes its data); the typed storage classes
-`torch.<Float|Double|Half|BFloat16|Long|Int|Short|Char|Byte|Bool|ComplexFloat|ComplexDouble>Storage`;
+`torch.<Float|Double|Half|BFloat16|Long|Int|Short|Char|Byte|Bool|ComplexFloat|ComplexDouble>`
+`Storage`;
 numpy scalars and arrays (`numpy.dtype`, `numpy.ndarray`, `numpy._core.multiarray.scalar` /
 `_reconstruct`, also under their numpy < 2 module `numpy.core.multiarray`); `_codecs.encode` with
 the latin-1 codec (how pickle protocol 2 writes bytes); and the builtins `set`, `frozenset`,
@@ -33,7 +34,7 @@ import numpy as np
 
 
 class UnsafePickleError(ValueError):
-  """The pickle names a global outside the allowed set (it may be malicious, or not a checkpoint)."""
+  """The pickle names a global outside the allowed set (maybe malicious, or not a checkpoint)."""
 
 
 # The legacy format starts with the pickled int 0x1950a86a20f9469cfc6c (LONG1, 10 bytes).
@@ -86,7 +87,8 @@ class _TensorRef:
     if not isinstance(storage, _Storage):
       raise ValueError(f'Corrupt torch pickle: a tensor refers to {type(storage).__name__}, not '
                        f'a storage.')
-    self.storage, self.offset, self.size, self.stride = storage, int(offset), tuple(size), tuple(stride)
+    self.storage, self.offset = storage, int(offset)
+    self.size, self.stride = tuple(size), tuple(stride)
     if len(self.size) != len(self.stride):
       raise ValueError(f'Corrupt torch pickle: tensor size {self.size} and stride {self.stride} '
                        f'differ in rank.')

@@ -130,7 +130,8 @@ def test_full_size_release_converts(release):
   # score_sde_pytorch: state dict entries hold their index, the EMA of each index + 0.5, in the
   # original's model.parameters() order of the parameters that require gradients.
   state_dict = collections.OrderedDict(
-      (name, _constant(shape, i)) for i, (name, shape) in enumerate(original['torch']['state_dict']))
+      (name, _constant(shape, i))
+      for i, (name, shape) in enumerate(original['torch']['state_dict']))
   state_dict['module.sigmas'] = sigmas
   index = {name: i for i, name in enumerate(state_dict)}
   shadow = [_constant(state_dict[n].shape, index[n] + 0.5) for n in original['torch']['trainable']]

@@ -1,4 +1,4 @@
-"""Makes the checkpoint-import fixtures of tests/test_original_checkpoints.py with the ORIGINAL code.
+"""Makes the fixtures of tests/test_original_checkpoints.py with the original implementations.
 
 NOT run by the tests and never imported by the package: run once by hand, outside the project's
 import path, on scratch copies of the original repositories (see tests/data/README.md for the
@@ -75,7 +75,8 @@ TINY = {'model.nf': 4, 'model.ch_mult': [1, 1], 'model.num_res_blocks': 1,
 FIXTURES = {
     # VE, FIR, output_skip pyramid, residual input pyramid, Gaussian Fourier embedding of sigma.
     'ncsnpp_ve': ('configs.ve.cifar10_ncsnpp_continuous',
-                  {'model.progressive': 'output_skip', 'data.num_channels': 3}, [0.05, 12.0], 'zip'),
+                  {'model.progressive': 'output_skip', 'data.num_channels': 3}, [0.05, 12.0],
+                  'zip'),
     # DDPM++: positional embedding of t * 999, BigGAN residual blocks, no FIR, no pyramids.
     'ddpmpp_vp': ('configs.vp.cifar10_ddpmpp_continuous', {'data.num_channels': 1},
                   [13.7, 802.4], 'legacy'),
@@ -159,8 +160,9 @@ def manifest_entry(name, fmt, expected, made_with, patched):
 # Scratch copies of the originals
 
 _TORCH_OP_INIT = 'from .upfirdn2d import upfirdn2d\n'
-_TORCH_UPFIRDN_HEAD = """# SCRATCH COPY (make_fixtures.py setup): the original builds a CUDA extension here at import.
-# On CPU the original's upfirdn2d calls upfirdn2d_native, kept below verbatim.
+_TORCH_UPFIRDN_HEAD = """# SCRATCH COPY (make_fixtures.py setup): the original builds a CUDA
+# extension here at import. On CPU the original's upfirdn2d calls upfirdn2d_native, kept below
+# verbatim.
 import torch
 from torch.nn import functional as F
 
@@ -170,9 +172,9 @@ def upfirdn2d(input, kernel, up=1, down=1, pad=(0, 0)):
 
 
 """
-_JAX_UTILS = """# SCRATCH COPY (make_fixtures.py setup): the original models/utils.py imports flax.optim,
-# flax.training.checkpoints, sde_lib and a classifier; the networks need only these two functions
-# (the original's code).
+_JAX_UTILS = """# SCRATCH COPY (make_fixtures.py setup): the original models/utils.py imports
+# flax.optim, flax.training.checkpoints, sde_lib and a classifier; the networks need only these
+# two functions (the original's code).
 import jax.numpy as jnp
 
 _MODELS = {}
