@@ -399,3 +399,11 @@ class TerminationFlag:
   def __exit__(self, *exc) -> None:
     if self._previous is not None:
       signal.signal(signal.SIGTERM, self._previous)
+
+
+def import_original(path: str, config) -> dict:
+  """A released checkpoint of the original score_sde (JAX) or score_sde_pytorch as this project's
+  trees: {'params', 'ema_params', 'step'}. See original_checkpoints.import_original (formats,
+  layouts, errors) and docs/released_checkpoints.md (which file goes with which config)."""
+  import original_checkpoints  # here, not at the top: it builds networks; checkpointing stays light
+  return original_checkpoints.import_original(path, config)

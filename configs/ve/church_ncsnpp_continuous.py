@@ -8,5 +8,6 @@ def get_config():
   config = get_default_configs()
   presets.ve(config, continuous=True)
   config.data.category = 'church_outdoor'
+  config.model.sigma_max = 380.  # the original's church config (the LSUN default is 378)
   presets.ncsnpp_256(config)
   return config
