@@ -10,7 +10,7 @@ has the table), and takes the usual overrides (--config.eval.batch_size=256).
 
 Writes, with this project's orbax checkpointing (what `main.py` reads):
   DIR/checkpoints/N       the snapshot that `--mode eval` (and `--mode sample`) evaluates:
-                          N = step // config.training.snapshot_freq (at least 1), or --ckpt;
+                          N = ceil(step / config.training.snapshot_freq) (at least 1; run_lib.snapshot_number), or --ckpt;
   DIR/checkpoints-meta/S  the same state at its step S, where `--mode train` resumes
                           (fine-tuning: raise --config.training.n_iters above S);
   DIR/imported_from.json  the file, its sha256, format and step, and the config.
@@ -41,8 +41,8 @@ config_flags.DEFINE_config_file('config', None, 'The experiment config the check
 flags.DEFINE_string('checkpoint', None, 'The original checkpoint file (checkpoint_N or '
                     'checkpoint_N.pth).')
 flags.DEFINE_string('workdir', None, 'Work directory to write the checkpoints into.')
-flags.DEFINE_integer('ckpt', None, 'Snapshot number under DIR/checkpoints (default: step // '
-                     'config.training.snapshot_freq, at least 1).')
+flags.DEFINE_integer('ckpt', None, 'Snapshot number under DIR/checkpoints (default: ceil(step / '
+                     'config.training.snapshot_freq), at least 1, as training numbers it).')
 flags.mark_flags_as_required(['config', 'checkpoint', 'workdir'])
 
 SNAPSHOTS, META = 'checkpoints', 'checkpoints-meta'
@@ -85,8 +85,12 @@ def import_checkpoint(config, checkpoint: str, workdir: str, ckpt=None) -> dict:
   state = state.replace(step=jnp.asarray(step, state.step.dtype),
                         params=jax.tree_util.tree_map(jnp.asarray, imported['params']),
                         ema_params=jax.tree_util.tree_map(jnp.asarray, imported['ema_params']))
-  ckpt = int(ckpt) if ckpt is not None else max(step // max(config.training.snapshot_freq, 1), 1)
-  checkpointing.save(checkpointing.make_manager(os.path.join(workdir, SNAPSHOTS)), ckpt, state)
+  if ckpt is None:  # the number this project's own training gives the state at `step`
+    import run_lib
+    ckpt = max(run_lib.snapshot_number(step, config.training.snapshot_freq), 1)
+  ckpt = int(ckpt)
+  checkpointing.save(checkpointing.make_manager(os.path.join(workdir, SNAPSHOTS)), ckpt, state,
+                     info={'step': step})
   checkpointing.save(checkpointing.make_manager(os.path.join(workdir, META)), step, state)
   summary = {'checkpoint': os.path.abspath(checkpoint), 'sha256': _sha256(checkpoint),
              'format': fmt, 'step': step, 'ckpt': ckpt, 'config': config.to_dict()}

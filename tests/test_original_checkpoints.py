@@ -329,7 +329,7 @@ def test_import_script_then_eval_and_train_resume(tmp_path):
   code, out = _run('scripts/import_checkpoint.py', '--config', digits, '--checkpoint', fixture,
                    '--workdir', str(workdir), *net)
   assert code == 0, out[-3000:]
-  ckpt = 12345 // 1000  # step // digits snapshot_freq
+  ckpt = 13  # ceil(step / digits snapshot_freq): the number training gives step 12345
   assert f'checkpoints/{ckpt}' in out
   assert json.loads((workdir / 'imported_from.json').read_text())['format'] == 'pytorch-legacy'
 
