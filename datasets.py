@@ -126,22 +126,54 @@ def _rng(*keys) -> np.random.Generator:
 # Scalers
 
 
-def _is_vector(config) -> bool:
-  return _spec(config).kind == 'toy'
+@dataclasses.dataclass(frozen=True)
+class DataInfo:
+  """The one description of the configured data that every module uses (never config.data.dim or
+  data-set names): what one example is, how the model sees it, and what identifies it.
+
+  shape: one example's, (H, W, C) images or (D,) vectors. is_image: n_bits-bit images, pipelines
+  yield them in [0, 1] (bits/dim applies); otherwise continuous vectors in raw coordinates.
+  `scaler` maps pipeline output to the model's space ([-1, 1] when `centered`, images only) and
+  `inverse_scaler` back. `cache_key()` identifies the data (name, source path, shape, crop and a
+  digest of the files) for caches of anything computed from them (FID statistics); it lists
+  folders / TFRecord files, nothing else here does I/O. `splits` ({'train': n, 'test': n}, n
+  None for infinite toy training data) only from `dataset_info(config, count=True)`.
+  """
+  name: str
+  shape: Tuple[int, ...]
+  is_image: bool
+  n_bits: int  # 8 for images, 0 for continuous vectors
+  num_classes: int  # 0: no labels
+  centered: bool
+  dequantized: bool  # uniform dequantization x = (k + U[0, 1)) / 2^n_bits
+  fingerprint: Callable[[], dict] = dataclasses.field(repr=False, compare=False)
+  splits: Optional[Dict[str, Optional[int]]] = None
+
+  def batch_shape(self, n: int) -> Tuple[int, ...]:
+    """[n, *shape]: a model input batch."""
+    return (int(n),) + tuple(self.shape)
+
+  def scaler(self, x):
+    """Pipeline output -> the model's space: 2x - 1 when centered (images), else the identity."""
+    return x * 2. - 1. if self.centered and self.is_image else x
+
+  def inverse_scaler(self, x):
+    """The model's space -> pipeline output ([0, 1] images): the inverse of `scaler`."""
+    return (x + 1.) / 2. if self.centered and self.is_image else x
+
+  def cache_key(self) -> str:
+    """A JSON string of `dataset_fingerprint` (lists files: call once per use)."""
+    return json.dumps(self.fingerprint(), sort_keys=True)
 
 
 def get_data_scaler(config) -> Callable:
-  """Data normalizer: [0, 1] -> [-1, 1] when config.data.centered (images only), else identity."""
-  if config.data.centered and not _is_vector(config):
-    return lambda x: x * 2. - 1.
-  return lambda x: x
+  """Data normalizer (the original's name): `dataset_info(config).scaler`."""
+  return dataset_info(config, count=False).scaler
 
 
 def get_data_inverse_scaler(config) -> Callable:
-  """Inverse of `get_data_scaler`: [-1, 1] -> [0, 1] when centered (images only), else identity."""
-  if config.data.centered and not _is_vector(config):
-    return lambda x: (x + 1.) / 2.
-  return lambda x: x
+  """Inverse of `get_data_scaler`: `dataset_info(config).inverse_scaler`."""
+  return dataset_info(config, count=False).inverse_scaler
 
 
 # ------------------------------------------------------------------------------------------------
@@ -636,35 +668,35 @@ def get_dataset(config, *, split: str = 'train', evaluation: bool = False, start
                      dequant_seed)
 
 
-def dataset_info(config, *, count: bool = True) -> dict:
-  """Facts about the configured data set: examples per split, data shape, 8-bit images or not.
+def dataset_info(config, *, count: bool = True) -> DataInfo:
+  """The `DataInfo` of config.data; validates the data set name, shape and channels.
 
-  Keys: 'name', 'splits' ({'train': n, 'test': n}; n None for the infinite toy training data),
-  'shape' (one example's), 'is_8bit_image' (bits/dim applies), 'num_classes' (0: no labels).
-  count=False: no 'splits' and no I/O (validates the data set name and shape only).
-  """
+  count=False does no I/O (`splits` None); count=True counts both splits (tfds / TFRecord /
+  folder sets read their indexes)."""
   spec = _spec(config)
+  d = config.data
+  common = dict(name=spec.name, centered=bool(d.get('centered', False)),
+                dequantized=bool(d.get('uniform_dequantization', False)),
+                fingerprint=functools.partial(dataset_fingerprint, config))
   if spec.kind == 'toy':
     gmm = _mixture(config)
-    return {'name': spec.name, 'splits': {'train': None, 'test': TOY_TEST_SIZE},
-            'shape': (gmm.dim,), 'is_8bit_image': False, 'num_classes': len(gmm.weights)}
-  size, channels = int(config.data.image_size), int(config.data.num_channels)
-  num_classes = len(_folder_listing(config).classes) if spec.kind == 'folder' else spec.num_classes
-  info = {'name': spec.name, 'shape': (size, size, channels), 'is_8bit_image': True,
-          'num_classes': num_classes}
+    return DataInfo(shape=(gmm.dim,), is_image=False, n_bits=0, num_classes=len(gmm.weights),
+                    splits={'train': None, 'test': TOY_TEST_SIZE} if count else None, **common)
+  size, channels = int(d.image_size), int(d.num_channels)
   if spec.kind == 'digits':
     _check_digits_shape(config)
   elif spec.kind in ('tfds', 'tfrecord') and channels != 3:  # all RGB; no conversion
     raise ValueError(f'{spec.name} images are RGB: config.data.num_channels must be 3, got '
                      f'{channels}.')
-  if not count:
-    return info
-  if spec.kind == 'digits':
+  num_classes = len(_folder_listing(config).classes) if spec.kind == 'folder' else spec.num_classes
+  splits = None
+  if count and spec.kind == 'digits':
     splits = {s: len(load_digits_split(s)[1]) for s in ('train', 'test')}
-  else:
+  elif count:
     splits = {s: _source(spec, config, _split_name(spec, s), 0, 1).n_total
               for s in ('train', 'test')}
-  return dict(info, splits=splits)
+  return DataInfo(shape=(size, size, channels), is_image=True, n_bits=8, num_classes=num_classes,
+                  splits=splits, **common)
 
 
 def dataset_fingerprint(config) -> dict:

@@ -339,12 +339,12 @@ def _extractor_kind(config) -> str:
   if kind not in EXTRACTORS:
     raise ValueError(f'Unknown config.eval.feature_extractor={kind!r}; valid choices: '
                      f'{list(EXTRACTORS)}.')
-  dataset = str(config.data.dataset).lower()
-  if dataset in ('ring2d', 'mixture2d', 'gmm_nd'):
+  data = datasets.dataset_info(config, count=False)
+  if not data.is_image:
     raise ValueError(f'config.data.dataset={config.data.dataset!r} holds vectors, not images: '
                      'FID / IS / KID need an image data set.')
-  if kind == 'auto':
-    kind = 'digits' if dataset == 'digits' else 'inception'
+  if kind == 'auto':  # the digits CNN is trained on the embedded digits and fits them only
+    kind = 'digits' if data.name == 'digits' else 'inception'
   return kind
 
 
@@ -456,7 +456,7 @@ def reference_stats(config, workdir: Optional[str], extractor: Optional[Extracto
 
   def batches():
     from tqdm import tqdm
-    n = datasets.dataset_info(config)['splits']['train']
+    n = datasets.dataset_info(config).splits['train']
     total = -(-n // int(config.eval.batch_size)) if n else None
     logging.info('Computing the statistics of %s (%s images) into %s.', config.data.dataset, n,
                  path)

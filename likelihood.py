@@ -83,8 +83,9 @@ def get_likelihood_fn(config, sde: sde_lib.SDE, model, inverse_scaler=None, *,
                       data_scaler: Optional[Callable[[Array], Array]] = None):
   """likelihood_fn(rng, params, x, model_state=None) -> (bpd [B], z, nfe) for a config's network.
 
-  x is the batch in the model's (scaled) space. The offset follows config.data (8-bit images,
-  centering) unless `data_scaler` is given; vector toy data get offset 0 (bpd = nats / ln 2 / D).
+  x is the batch in the model's (scaled) space. The offset follows the data description
+  (`datasets.dataset_info`: n-bit images and their scaler, unless `data_scaler` is given); vector
+  data get offset 0 (bpd = nats / ln 2 / D).
   Raises ValueError for non-finite x and ode.ODESolveError when a solve does not finish."""
   del inverse_scaler  # the offset needs the forward scaler's slope only
   from models import utils as mutils
@@ -93,12 +94,9 @@ def get_likelihood_fn(config, sde: sde_lib.SDE, model, inverse_scaler=None, *,
   eps, rtol, atol, max_steps = ode.check_likelihood_args(
       sde, np.zeros((1, 1)), rtol=rtol, atol=atol, eps=eps, trace=trace, n_probes=n_probes,
       solver=solver, max_steps=max_steps)
-  is_image = not config.data.get('dim', None)
-  if is_image:
-    scaler = data_scaler or ((lambda v: 2 * v - 1) if config.data.centered else (lambda v: v))
-    offset = bpd_offset(8, scaler)
-  else:
-    offset = 0.0
+  import datasets
+  data = datasets.dataset_info(config, count=False)
+  offset = bpd_offset(data.n_bits, data_scaler or data.scaler) if data.is_image else 0.
 
   @jax.jit
   def jitted(rng, params, x, model_state):

@@ -1,4 +1,4 @@
-"""Entry point: python main.py --config configs/<...>.py --workdir DIR --mode train|eval|stats."""
+"""Entry point: python main.py --config configs/<...>.py --workdir DIR --mode train|eval|sample|stats."""
 import importlib.util
 import os
 import re
@@ -14,8 +14,9 @@ FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file('config', None, 'Training / evaluation configuration file.',
                                 lock_config=True)
 flags.DEFINE_string('workdir', None, 'Work directory (checkpoints, samples, logs, results).')
-flags.DEFINE_enum('mode', None, ['train', 'eval', 'stats'],
-                  'Running mode: train, eval, or stats (FID / KID reference statistics of the data).')
+flags.DEFINE_enum('mode', None, ['train', 'eval', 'sample', 'stats'],
+                  'Running mode: train, eval, sample (draw eval.num_samples samples from a '
+                  'snapshot), or stats (FID / KID reference statistics of the data).')
 flags.DEFINE_string('eval_folder', 'eval', 'Folder under workdir for evaluation results.')
 flags.mark_flags_as_required(['config', 'workdir', 'mode'])
 
@@ -98,6 +99,10 @@ def main(argv):
     print(f'train: step {result["step"]}, '
           + (f'last loss {loss:.5g}' if loss == loss else 'already trained (no steps run)')
           + (' (stopped by SIGTERM; resume by running the same command)' if result['preempted'] else ''))
+  elif FLAGS.mode == 'sample':
+    s = run_lib.sample(FLAGS.config, FLAGS.workdir)
+    print(f'sample: {s["num_samples"]} samples of snapshot {s["ckpt"]} (step {s["step"]}), '
+          f'{s["nfe_per_sample"]:.0f} NFE each, {s["seconds"]:.0f} s -> {s["outputs"]}')
   elif FLAGS.mode == 'stats':
     import evaluation
     path, stats = evaluation.reference_stats(FLAGS.config, FLAGS.workdir)

@@ -37,11 +37,18 @@ class Run:
   eps: float
   model: Any
   state: Any
-  scaler: Any
-  inverse_scaler: Any
+  data: datasets.DataInfo  # shape, image or vector, bit depth, scalers (the one data description)
   is_main: bool
   # Jitted functions built once per run (a new closure would recompile at every checkpoint).
   compiled: Dict[str, Any] = dataclasses.field(default_factory=dict)
+
+  @property
+  def scaler(self):
+    return self.data.scaler
+
+  @property
+  def inverse_scaler(self):
+    return self.data.inverse_scaler
 
   def get(self, name: str, build):
     """The function `name`, built by `build()` on first use."""
@@ -80,8 +87,10 @@ def check_run_config(config) -> None:
   for name in ('log_freq', 'eval_freq', 'snapshot_freq_for_preemption'):  # 0: never
     _check_int('training', name, t[name], 0)
   _check_int('training', 'max_to_keep', t.get('max_to_keep', None), 1, allowed=(None,))
-  for name in ('begin_ckpt', 'end_ckpt'):  # None: the final snapshot; -1: the latest one
+  for name in ('begin_ckpt', 'end_ckpt', 'ckpt'):  # None: the final / newest snapshot; -1: newest
     _check_int('eval', name, e.get(name, None), 1, allowed=(None, -1))
+  for name in ('batch_size', 'num_samples'):
+    _check_int('eval', name, e[name], 1)
   begin, end = (_resolve_ckpt(config, e.get(n, None), None) for n in ('begin_ckpt', 'end_ckpt'))
   if begin is not None and end is not None and begin > end:
     raise ValueError(f'config.eval.begin_ckpt={e.begin_ckpt} > config.eval.end_ckpt={e.end_ckpt} '
@@ -129,12 +138,12 @@ def setup(config, workdir: str) -> Run:
   parallel.check_batch_size(config.training.batch_size, mesh, 'config.training.batch_size')
   parallel.check_batch_size(config.eval.batch_size, mesh, 'config.eval.batch_size')
   model, state = losses.init_train_state(jax.random.PRNGKey(config.seed), config, mesh)
-  return Run(config, workdir, mesh, sde, eps, model, state, datasets.get_data_scaler(config),
-             datasets.get_data_inverse_scaler(config), jax.process_index() == 0)
+  return Run(config, workdir, mesh, sde, eps, model, state, datasets.dataset_info(config, count=False),
+             jax.process_index() == 0)
 
 
 def _sample_shape(run: Run, n: int):
-  return mutils.input_shape(run.config, n)
+  return run.data.batch_shape(n)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -369,13 +378,19 @@ def _wait_for_snapshot(run: Run, snapshots, ckpt: int, timeout_s: float):
 
 def _outputs_dir(run: Run, eval_dir: str, ckpt: int, step: int) -> str:
   """<eval_dir>/ckpt_<ckpt>, the sample rounds of snapshot `ckpt` at `step` with this config's
-  sampling settings; outputs found there of another step (a snapshot replaced when its run was
-  extended) or other settings are moved aside to ckpt_<ckpt>.replaced[.k], never reused."""
+  sampling settings (see `_fresh_outputs`)."""
   c = run.config
-  path = os.path.join(eval_dir, f'ckpt_{ckpt}')
+  return _fresh_outputs(run, os.path.join(eval_dir, f'ckpt_{ckpt}'),
+                        {'step': step, 'seed': c.seed, 'batch_size': c.eval.batch_size,
+                         'sampling': c.sampling.to_dict()})
+
+
+def _fresh_outputs(run: Run, path: str, key: Dict[str, Any]) -> str:
+  """Creates the resumable output folder `path` for the outputs that `key` describes (recorded in
+  its outputs_of.json); outputs found there of another key (a snapshot replaced when its run was
+  extended, other sampling settings) are moved aside to <path>.replaced[.k], never reused."""
   marker = os.path.join(path, 'outputs_of.json')
-  key = json.loads(json.dumps({'step': step, 'seed': c.seed, 'batch_size': c.eval.batch_size,
-                               'sampling': c.sampling.to_dict()}))
+  key = json.loads(json.dumps(key))
   if run.is_main:
     if os.path.exists(marker):
       with open(marker) as f:
@@ -388,11 +403,11 @@ def _outputs_dir(run: Run, eval_dir: str, ckpt: int, step: int) -> str:
         k += 1
         new = f'{path}.replaced.{k}'
       os.rename(path, new)
-      logging.warning('Moved the evaluation outputs of another snapshot or setting aside: %s.', new)
+      logging.warning('Moved the outputs of another snapshot or setting aside: %s.', new)
     os.makedirs(path, exist_ok=True)
     with open(marker, 'w') as f:
       json.dump(key, f)
-  checkpointing.barrier(f'outputs_dir_{ckpt}')
+  checkpointing.barrier(f'outputs_{os.path.basename(path)}')
   return path
 
 
@@ -415,13 +430,13 @@ def _bpd(run: Run, state) -> float:
   """Bits/dim over the whole bpd_dataset split, averaged over eval.bpd_num_repeats passes with
   fresh uniform dequantization noise each (the paper: 5 passes over the CIFAR-10 test set)."""
   c = run.config
-  if not c.data.get('dim', None) and not c.data.uniform_dequantization:
+  if run.data.is_image and not run.data.dequantized:
     logging.warning('data.uniform_dequantization is off: bits/dim of discrete data is not a code '
                     'length and can be negative.')
   likelihood_fn = run.get('likelihood', lambda: likelihood.get_likelihood_fn(
       c, run.sde, run.model, run.inverse_scaler, data_scaler=run.scaler))
   # Several passes only make sense with fresh dequantization noise each time.
-  repeats = int(c.eval.get('bpd_num_repeats', 1)) if c.data.uniform_dequantization else 1
+  repeats = int(c.eval.get('bpd_num_repeats', 1)) if run.data.dequantized else 1
   total, count, nfes, start = 0., 0., [], time.time()
   for repeat in range(repeats):
     for i, batch in enumerate(datasets.get_dataset(c, split=c.eval.bpd_dataset, evaluation=True,
@@ -464,9 +479,7 @@ def _sample_rounds(run: Run, state, ckpt_dir: str, extractor) -> Dict[str, np.nd
     if run.is_main:
       if r == 0:
         save_samples(samples, ckpt_dir)
-      tmp = path + '.tmp.npz'
-      np.savez_compressed(tmp, **out)
-      os.replace(tmp, path)  # atomic: a round file is either complete or absent
+      _save_npz(path, **out)  # atomic: a round file is either complete or absent
     feats.append({k: out[k] for k in ('pool', 'logits')} if extractor else {})
   if not extractor:
     return {}
@@ -516,7 +529,7 @@ def _evaluate_range(run: Run, snapshots, eval_dir: str, begin: Optional[int],
   results_path = os.path.join(eval_dir, 'results.jsonl')
   done, results = _done_ckpts(results_path), []
   extractor = None
-  if e.enable_sampling and not run.config.data.get('dim', None):
+  if e.enable_sampling and run.data.is_image:
     import evaluation
     # Before any checkpoint work: missing Inception weights fail here, not after the first sweep.
     extractor = evaluation.get_feature_extractor(run.config, run.workdir)
@@ -574,3 +587,82 @@ def _nothing_evaluated(run: Run, snapshots, begin: Optional[int], end: Optional[
           f'({t.snapshot_freq}); training with this config ends at snapshot '
           f'{final_snapshot(run.config)} (n_iters={t.n_iters}). Choose existing snapshots with '
           f'--config.eval.begin_ckpt / --config.eval.end_ckpt (-1: the newest).')
+
+
+# ------------------------------------------------------------------------------------------------
+# Sampling from a checkpoint.
+
+
+def sample(config, workdir: str, folder: str = 'samples_mode') -> Dict[str, Any]:
+  """Draws config.eval.num_samples samples from snapshot config.eval.ckpt (None: the newest in
+  <workdir>/checkpoints) with config.sampling (any method), in batches of config.eval.batch_size.
+
+  Writes <workdir>/<folder>/ckpt_<N>/: batch_<i>.npz as each batch finishes (a rerun resumes at
+  the first missing batch; outputs of other settings are moved aside), then samples.npz (all,
+  in [0, 1] for images), sample.png (a grid of the first 64) and sampling.json (the settings,
+  snapshot, step, NFE per sample and seconds). Returns the summary that sampling.json holds.
+  Raises FileNotFoundError naming the snapshots that exist when the asked one does not."""
+  check_config(config)
+  workdir = _check_workdir(workdir)
+  out_root = os.path.join(workdir, folder)
+  os.makedirs(out_root, exist_ok=True)
+  with checkpointing.WorkdirLock(out_root, 'sampling'):
+    run = setup(config, workdir)
+    snapshots = checkpointing.make_manager(os.path.join(run.workdir, 'checkpoints'))
+    ckpt, state = _restore_snapshot(run, snapshots, config.eval.get('ckpt', None))
+    e, step = config.eval, int(state.step)
+    batch, n_batches = int(e.batch_size), int(np.ceil(e.num_samples / e.batch_size))
+    out = _fresh_outputs(run, os.path.join(out_root, f'ckpt_{ckpt}'),
+                         {'step': step, 'seed': config.seed, 'batch_size': batch,
+                          'sampling': config.sampling.to_dict()})
+    sampling_fn = sampling.get_sampling_fn(config, run.sde, run.model, _sample_shape(run, batch),
+                                           run.inverse_scaler, run.eps, mesh=run.mesh)
+    progress = _progress(run, 0, n_batches)
+    progress.unit = 'batch'
+    parts, nfes, seconds = [], [], 0.
+    for i in range(n_batches):
+      path = os.path.join(out, f'batch_{i}.npz')
+      if not os.path.exists(path):
+        start = time.time()
+        samples, nfe = _draw_samples(run, sampling_fn, state.ema_params, batch, 7_000_003 * (i + 1))
+        if run.is_main:
+          _save_npz(path, samples=samples, nfe=nfe, seconds=time.time() - start)
+        checkpointing.barrier(f'sample_batch_{i}')
+      with np.load(path) as f:
+        parts.append(f['samples'])
+        nfes.append(int(f['nfe']))
+        seconds += float(f['seconds'])
+      progress.update(1)
+    progress.close()
+    samples = np.concatenate(parts)[:int(e.num_samples)]
+    summary = {'ckpt': ckpt, 'step': step, 'num_samples': len(samples), 'batch_size': batch,
+               'seed': config.seed, 'sampling': config.sampling.to_dict(),
+               'nfe_per_sample': float(np.mean(nfes)), 'seconds': seconds, 'outputs': out}
+    if run.is_main:
+      _save_npz(os.path.join(out, 'samples.npz'), samples=samples)
+      save_samples(samples[:64], out, 'sample')
+      with open(os.path.join(out, 'sampling.json'), 'w') as f:
+        json.dump(summary, f, indent=1, default=str)
+    logging.info('Wrote %d samples of snapshot %d (step %d) to %s: %.1f NFE a sample, %.0f s.',
+                 len(samples), ckpt, step, out, summary['nfe_per_sample'], seconds)
+    return summary
+
+
+def _save_npz(path: str, **arrays) -> None:
+  """Writes an .npz atomically: a file that exists is complete."""
+  tmp = path + '.tmp.npz'
+  np.savez_compressed(tmp, **arrays)
+  os.replace(tmp, path)
+
+
+def _restore_snapshot(run: Run, snapshots, ckpt: Optional[int]):
+  """(number, state) of snapshot `ckpt` (None or -1: the newest); FileNotFoundError naming the
+  snapshots that exist when it is missing or unreadable."""
+  existing = checkpointing.all_steps(snapshots)
+  number = existing[-1] if ckpt in (None, -1) and existing else ckpt
+  if number is not None and checkpointing.has_step(snapshots, number):
+    return number, checkpointing.restore(snapshots, number, run.state)
+  raise FileNotFoundError(f'Snapshot {ckpt if ckpt not in (None, -1) else "(the newest)"} is not in '
+                          f'{snapshots.directory}; it holds: {existing or "none"}. Train first, '
+                          f'import a released checkpoint (scripts/import_checkpoint.py), or pick one '
+                          f'with --config.eval.ckpt=N.')

@@ -59,6 +59,7 @@ def get_default_configs() -> ml_collections.ConfigDict:
   evaluate.inception_weights = ''  # new: local file with the FID Inception-v3 weights
   evaluate.feature_extractor = 'auto'  # new: 'inception', 'digits' or 'auto' (by data set)
   evaluate.ckpt_timeout_s = 0.  # new: how long to wait for a snapshot not yet written
+  evaluate.ckpt = config_dict.placeholder(int)  # new: --mode sample's snapshot (None: newest)
   evaluate.stats_dir = ''  # new: where data statistics are cached ('' = <workdir>/stats)
 
   # data

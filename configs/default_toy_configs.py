@@ -36,11 +36,11 @@ def get_default_configs() -> ml_collections.ConfigDict:
 
   data = config.data
   data.dataset = 'ring2d'
-  data.dim = 2  # vector data: models.utils.input_shape is [B, dim]
+  data.dim = 2  # the mixture's dimension (gmm_nd; ring2d / mixture2d are 2-D)
   data.centered = False
   data.uniform_dequantization = False
   data.random_flip = False
-  del data.image_size, data.num_channels  # no images here; read data.dim
+  del data.image_size, data.num_channels  # no images here
 
   model = config.model
   model.name = 'mlp'

@@ -29,9 +29,11 @@ def check_mlp_options(config) -> None:
     if int(m[name]) != m[name] or m[name] < (1 if name == 'nf' else 0):
       raise ValueError(f'model.{name} must be a {"positive" if name == "nf" else "non-negative"} '
                        f'integer, got {m[name]!r}.')
-  if not config.data.get('dim', None):
-    raise ValueError("The 'mlp' model scores vectors [B, D]: set config.data.dim "
-                     f'(got {config.data.get("dim", None)!r}).')
+  import datasets
+  if datasets.dataset_info(config, count=False).is_image:
+    raise ValueError(f"The 'mlp' model scores vectors [B, D], not the images of "
+                     f'config.data.dataset={config.data.dataset!r}; use a vector data set '
+                     f'(ring2d, mixture2d, gmm_nd) or a U-Net.')
   if str(m.embedding_type).lower() == 'fourier' and not config.training.continuous:
     raise ValueError("model.embedding_type 'fourier' embeds log sigma and needs "
                      "training.continuous=True; use 'positional' for discrete noise levels.")
@@ -51,9 +53,9 @@ class MLP(nn.Module):
     config = self.config
     m = config.model
     check_mlp_options(config)
-    dim = int(config.data.dim)
-    if x.ndim != 2 or x.shape[1] != dim:
-      raise ValueError(f'The mlp model expects x of shape [B, {dim}] (config.data.dim), got {x.shape}.')
+    if x.ndim != 2:
+      raise ValueError(f'The mlp model expects vectors x of shape [B, D], got {x.shape}.')
+    dim = x.shape[1]
     act = layers.get_act(config)
     dtype = layers.compute_dtype(config)
     dense = lambda n, scale=1.: nn.Dense(n, dtype=dtype, kernel_init=layers.default_init(scale))

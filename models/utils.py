@@ -58,25 +58,23 @@ def create_model(config) -> nn.Module:
 
 
 def input_shape(config, batch_size: int = 1) -> Tuple[int, ...]:
-  """Shape of a model input batch under this config: [B, H, W, C] images, or [B, D] vectors."""
-  data = config.data
-  if getattr(data, 'dim', None):  # vector data (toy sets)
-    return (batch_size, int(data.dim))
-  return (batch_size, data.image_size, data.image_size, data.num_channels)
+  """Shape of a model input batch under this config: [B, H, W, C] images, or [B, D] vectors
+  (`datasets.dataset_info(config).batch_shape`)."""
+  import datasets
+  return datasets.dataset_info(config, count=False).batch_shape(batch_size)
 
 
 def check_input_shape(config, shape: Optional[Sequence[int]] = None) -> Tuple[int, ...]:
   """Raises a ValueError, before any tracing, unless the configured network takes inputs of this
   per-example `shape` (default: the config's own, input_shape(config)[1:]); returns that shape.
 
-  Checks that `shape` is the config's data shape (config.data.dim, or image_size x image_size x
-  num_channels) and that the config's image size fits the U-Net's downsampling (len(ch_mult)
+  Checks that `shape` is the config's data shape (`datasets.dataset_info(config).shape`) and that the config's image size fits the U-Net's downsampling (len(ch_mult)
   levels) and model.attn_resolutions.
   """
   expected = tuple(int(s) for s in input_shape(config)[1:])
   data = config.data
-  fields = ('config.data.dim' if len(expected) == 1 else f'config.data.image_size='
-            f'{data.image_size}, config.data.num_channels={data.num_channels}')
+  fields = (f'config.data.dataset={data.dataset!r}' if len(expected) == 1 else
+            f'config.data.image_size={data.image_size}, config.data.num_channels={data.num_channels}')
   if shape is not None and tuple(int(s) for s in shape) != expected:
     raise ValueError(f'Input of shape {tuple(shape)} per example, but the {config.model.name} '
                      f'network of this config takes {expected} ({fields}).')

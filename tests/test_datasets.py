@@ -119,8 +119,8 @@ def test_digits_split_is_fixed_and_disjoint():
   np.testing.assert_array_equal(datasets.load_digits_split('test')[0], test_x)
   np.testing.assert_array_equal(datasets.load_digits_split('train')[1], train_y)
   info = datasets.dataset_info(_config())
-  assert info['splits'] == {'train': 1497, 'test': 300}
-  assert info['shape'] == (8, 8, 1) and info['is_8bit_image'] and info['num_classes'] == 10
+  assert info.splits == {'train': 1497, 'test': 300}
+  assert info.shape == (8, 8, 1) and info.is_image and info.num_classes == 10
 
 
 def test_digits_epoch_is_a_permutation_on_the_grid():
@@ -234,8 +234,8 @@ def test_toy_samples_match_mixture(name, dim):
   z = (x - gmm.means[k]) / gmm.stds[k]
   assert abs(z.mean()) < 0.05 and abs(z.std() - 1) < 0.05
   info = datasets.dataset_info(config)
-  assert info['shape'] == (gmm.dim,) and not info['is_8bit_image']
-  assert info['splits']['test'] == datasets.TOY_TEST_SIZE
+  assert info.shape == (gmm.dim,) and not info.is_image
+  assert info.splits['test'] == datasets.TOY_TEST_SIZE
 
 
 def test_toy_dim_mismatch():
@@ -295,8 +295,8 @@ def test_tfds_pipeline_end_to_end(tfds, dataset, size, extra):
     evals = list(datasets.get_dataset(config, split='test', evaluation=True, process_index=0,
                                       process_count=1))
     info = datasets.dataset_info(config)
-  assert info['shape'] == (size, size, 3) and info['is_8bit_image']
-  assert info['splits'] == {'train': 6, 'test': 6}
+  assert info.shape == (size, size, 3) and info.is_image
+  assert info.splits == {'train': 6, 'test': 6}
   for batch in train + evals:
     x = batch['image']
     assert x.dtype == np.float32 and x.shape[1:] == (size, size, 3)
@@ -417,7 +417,7 @@ def test_tfrecord_reader(tfds, tmp_path):
   np.testing.assert_allclose(shards[0], hwc[0::2], atol=1e-6)
   np.testing.assert_allclose(shards[1], hwc[1::2], atol=1e-6)
   info = datasets.dataset_info(config)
-  assert info['splits'] == {'train': 7, 'test': 7} and info['num_classes'] == 0
+  assert info.splits == {'train': 7, 'test': 7} and info.num_classes == 0
   config.data.image_size = 4  # a smaller resolution than stored: resized, on the 8-bit grid
   small = next(datasets.get_dataset(config, process_index=0, process_count=1))['image']
   assert small.shape == (4, 4, 4, 3)

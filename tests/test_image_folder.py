@@ -81,8 +81,8 @@ def test_listing_labels_and_info(rgb_tree):
   assert listing.classes == ('cat', 'dog', 'emu')
   assert listing.labels == (0, 0, 0, 1, 1, 1, 2)
   info = datasets.dataset_info(_config(root))
-  assert info['splits'] == {'train': 7, 'test': 7} and info['num_classes'] == 3
-  assert info['shape'] == (8, 8, 3) and info['is_8bit_image']
+  assert info.splits == {'train': 7, 'test': 7} and info.num_classes == 3
+  assert info.shape == (8, 8, 3) and info.is_image
   flat = image_folder.list_images(str(root), class_folders=False)
   assert flat.files == listing.files and set(flat.labels) == {-1} and flat.classes == ()
 

@@ -161,7 +161,7 @@ def _config(sde_name, method):
   c.training = dict(sde=sde_name, continuous=True)
   c.model = dict(name='test_exact_mixture', sigma_min=0.01, sigma_max=20., num_scales=1000, beta_min=0.1,
                  beta_max=20.)
-  c.data = dict(dim=2, centered=False)
+  c.data = dict(dataset='ring2d', dim=2, centered=False)
   c.sampling = dict(method=method, predictor='reverse_diffusion', corrector='langevin', snr=0.16,
                     n_steps_each=1, probability_flow=False, noise_removal=True, rtol=1e-5, atol=1e-5,
                     ode_solver='tsit5')
