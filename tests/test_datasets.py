@@ -59,10 +59,10 @@ def _rows(images):
 
 def test_scalers():
   x = np.linspace(0., 1., 11)
-  centered = _config('CIFAR10', centered=True)
+  centered = _config('CIFAR10', channels=3, centered=True)
   np.testing.assert_allclose(datasets.get_data_scaler(centered)(x), 2 * x - 1)
   np.testing.assert_allclose(datasets.get_data_inverse_scaler(centered)(2 * x - 1), x)
-  for config in (_config('CIFAR10'), _config('ring2d', centered=True)):
+  for config in (_config('CIFAR10', channels=3), _config('ring2d', centered=True)):
     np.testing.assert_array_equal(datasets.get_data_scaler(config)(x), x)
     np.testing.assert_array_equal(datasets.get_data_inverse_scaler(config)(x), x)
 
