@@ -1,4 +1,4 @@
-"""Score-matching losses, the optimizer, the train state and the jitted train / eval steps.
+"""Score-matching losses: pure per-example losses of a score function, and the loss fns of a network.
 
 Losses (semantics of the original score_sde losses.py):
 - continuous denoising score matching for VE / VP / sub-VP (`get_sde_loss_fn`), optionally with
@@ -16,20 +16,18 @@ Per-example reduction over data dimensions: mean when `reduce_mean`, else HALF t
 original: 0.5 * sum, so a sum-reduced loss is the negative log-density scale of the paper).
 
 The networks of this project keep no mutable collections (GroupNorm, no batch statistics), so the
-loss fns return `model_state` unchanged.
+loss fns return `model_state` unchanged. The optimizer, the train state and the jitted train / eval
+steps are in training.py.
 """
 from __future__ import annotations
 
 from collections.abc import Mapping
 from typing import Any, Callable, Optional, Tuple
 
-import flax
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 
-import parallel
 from models import utils as mutils
 from sde_lib import batch_mul
 
@@ -37,82 +35,6 @@ Array = jax.Array
 LossFn = Callable[[Array, Any, Any, Any], Tuple[Array, Any]]
 ScoreFn = Callable[[Array, Array], Array]
 ModelFn = Callable[[Array, Array], Array]
-
-# ------------------------------------------------------------------------------------------------
-# Optimizer
-
-
-OPTIMIZERS = ('Adam', 'AdamW')
-
-
-def get_optimizer(config) -> optax.GradientTransformation:
-  """Adam with linear warmup, global-norm clipping and decoupled weight decay, from config.optim.
-
-  As the original (flax.optim.Adam + optimization_manager): the learning rate at update k
-  (k = 0, 1, ...) is lr * min(k / warmup, 1); gradients are clipped to global norm grad_clip
-  (no clipping when grad_clip < 0); weight decay is decoupled and scaled by the learning rate,
-  which is what flax's Adam did, so 'Adam' and 'AdamW' name the same update here.
-  """
-  o = config.optim
-  if o.optimizer not in OPTIMIZERS:
-    raise ValueError(f'Unknown optimizer {o.optimizer!r}; valid choices: {list(OPTIMIZERS)}.')
-  if o.grad_clip == 0:
-    raise ValueError('optim.grad_clip = 0 would zero every gradient; use a positive norm, or a '
-                     'negative value to disable clipping.')
-  lr, warmup = float(o.lr), int(o.warmup)
-  if not lr > 0:
-    raise ValueError(f'optim.lr must be positive, got {o.lr!r}.')
-
-  def schedule(count):
-    return lr * jnp.minimum(count / warmup, 1.) if warmup > 0 else lr
-
-  adam = optax.adamw(schedule, b1=float(o.beta1), b2=0.999, eps=float(o.eps),
-                     weight_decay=float(o.weight_decay))
-  if o.grad_clip < 0:
-    return adam
-  return optax.chain(optax.clip_by_global_norm(float(o.grad_clip)), adam)
-
-
-# ------------------------------------------------------------------------------------------------
-# Train state
-
-
-@flax.struct.dataclass
-class TrainState:
-  """Everything a training run carries from step to step, as one replicated pytree."""
-  step: Array  # number of optimizer updates applied
-  params: Any
-  opt_state: Any
-  ema_params: Any  # exponential moving average of params, rate config.model.ema_rate
-  model_state: Any  # non-parameter variable collections of the network (empty here)
-  rng: Array  # the run's PRNG key; each step splits it, so runs are deterministic given the seed
-
-
-def _ema_rate(config) -> float:
-  rate = config.model.get('ema_rate', None)
-  if rate is None or not 0. <= float(rate) < 1.:
-    raise ValueError(f'config.model.ema_rate must be set in [0, 1), got {rate!r}.')
-  return float(rate)
-
-
-def init_train_state(rng: Array, config, mesh: Optional[jax.sharding.Mesh] = None
-                     ) -> Tuple[Any, TrainState]:
-  """Builds the network and its initial state; with a `mesh`, the state is replicated on it."""
-  optimizer = get_optimizer(config)  # validates optim.* before any compilation
-  _ema_rate(config)
-  model = mutils.create_model(config)
-
-  def init(rng):
-    params_rng, state_rng = jax.random.split(rng)
-    _, params, model_state = mutils.init_model(params_rng, config)
-    return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=optimizer.init(params),
-                      ema_params=params, model_state=model_state, rng=state_rng)
-
-  # Initializing inside jit with a replicated output places the state on every device of every
-  # host without a host-to-device copy of the parameters.
-  out = parallel.replicated(mesh) if mesh is not None else None
-  return model, jax.jit(init, out_shardings=out)(rng)
-
 
 # ------------------------------------------------------------------------------------------------
 # Per-example losses of a score function (pure: tests pass closed-form scores here)
@@ -268,97 +190,3 @@ def get_loss_fn(config, sde, model, train: bool) -> LossFn:
   return get_discrete_loss_fn(sde, model, train, reduce_mean=tc.reduce_mean)
 
 
-# ------------------------------------------------------------------------------------------------
-# Jitted train and eval steps
-
-
-def _check_batch(batch, mesh, leading_axes: int) -> None:
-  """Shape check before compiling: the batch axis exists and the device count divides it."""
-  for leaf in jax.tree_util.tree_leaves(batch):
-    if np.ndim(leaf) <= leading_axes:
-      raise ValueError(f'Expected a batch with {leading_axes} leading axes before the batch axis '
-                       f'(train: [n_jitted_steps, B, ...], eval: [B, ...]); got shape '
-                       f'{np.shape(leaf)}.')
-    parallel.check_batch_size(np.shape(leaf)[leading_axes], mesh)
-
-
-def get_step_fn(config, sde, model, optimizer: optax.GradientTransformation, *, train: bool,
-                mesh: Optional[jax.sharding.Mesh] = None) -> Callable:
-  """The jitted train step (n steps fused in one program) or eval step of a config.
-
-  train: `step_fn(state, batch) -> (state, losses)`, batch leaves [n, B, ...] (n = the number of
-  fused steps, config.training.n_jitted_steps in the training loop), losses [n]. Each step splits
-  state.rng, so a run is deterministic given config.seed and independent of the device count.
-  A step whose loss or gradient is not finite is SKIPPED (params, optimizer state, EMA and step
-  unchanged; only the rng advances) and reports a NaN loss, so the state stays usable and the
-  training loop can stop with a clear message on a non-finite loss.
-
-  eval: `eval_step(state, batch, rng=None) -> loss` on the EMA params, batch leaves [B, ...];
-  rng defaults to a key folded from state.rng (pass distinct keys for independent draws).
-
-  The state is replicated over the mesh and the batch sharded on B over 'data'; the state
-  argument of the train step is donated. The n fused steps are a lax.scan on accelerators and
-  straight-line code on CPU (see below).
-  """
-  mesh = parallel.make_mesh() if mesh is None else mesh
-  batch_size = config.training.batch_size if train else config.eval.batch_size
-  parallel.check_batch_size(batch_size, mesh, 'training batch size' if train else 'eval batch size')
-  loss_fn = get_loss_fn(config, sde, model, train=train)
-  repl = parallel.replicated(mesh)
-
-  if not train:
-    def eval_loss(state, batch, rng):
-      if rng is None:
-        rng = jax.random.fold_in(state.rng, 1)
-      return loss_fn(rng, state.ema_params, state.model_state, batch)[0]
-
-    jitted = jax.jit(eval_loss, in_shardings=(repl, parallel.batch_sharding(mesh), repl),
-                     out_shardings=repl)
-
-    def eval_step(state, batch, rng=None):
-      _check_batch(batch, mesh, 0)
-      return jitted(state, batch, rng)
-
-    eval_step.jitted = jitted
-    return eval_step
-
-  ema_rate = _ema_rate(config)
-  grad_fn = jax.value_and_grad(loss_fn, argnums=1, has_aux=True)
-
-  def one_step(state: TrainState, batch) -> Tuple[TrainState, Array]:
-    rng, step_rng = jax.random.split(state.rng)
-    (loss, model_state), grads = grad_fn(step_rng, state.params, state.model_state, batch)
-    updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
-    params = optax.apply_updates(state.params, updates)
-    ema_params = jax.tree_util.tree_map(lambda e, p: e * ema_rate + p * (1. - ema_rate),
-                                        state.ema_params, params)
-    new = TrainState(step=state.step + 1, params=params, opt_state=opt_state,
-                     ema_params=ema_params, model_state=model_state, rng=rng)
-    finite = jnp.isfinite(loss) & jnp.isfinite(optax.global_norm(grads))
-    new = jax.tree_util.tree_map(lambda a, b: jnp.where(finite, a, b), new, state.replace(rng=rng))
-    return new, jnp.where(finite, loss, jnp.nan)
-
-  # XLA:CPU runs convolutions inside a while loop ~10x slower than outside one (measured: tiny
-  # DDPM++ at batch 64, 92 ms per gradient plain, 780 ms as the body of a length-1 scan, even with
-  # unroll=True), so on CPU the fused steps are a Python loop inside jit: straight-line code,
-  # compile time growing with n_jitted_steps (use 1 on CPU; fusing saves nothing there).
-  on_cpu = mesh.devices.flat[0].platform == 'cpu'
-
-  def train_steps(state, batch):
-    if not on_cpu:
-      return jax.lax.scan(one_step, state, batch)
-    step_losses = []
-    for i in range(jax.tree_util.tree_leaves(batch)[0].shape[0]):
-      state, loss = one_step(state, jax.tree_util.tree_map(lambda b: b[i], batch))
-      step_losses.append(loss)
-    return state, jnp.stack(step_losses)
-
-  jitted = jax.jit(train_steps, in_shardings=(repl, parallel.batch_sharding(mesh, 1)),
-                   out_shardings=(repl, repl), donate_argnums=0)
-
-  def train_step(state, batch):
-    _check_batch(batch, mesh, 1)
-    return jitted(state, batch)
-
-  train_step.jitted = jitted
-  return train_step

@@ -1,5 +1,6 @@
-"""Training and evaluation loops: the only place with I/O loops. Each loop reads as a short list of
-named steps; everything numerical runs in the jitted functions of losses / sampling / likelihood."""
+"""Training, evaluation and sampling loops: the only place with I/O loops. Each loop reads as a
+short list of named steps; everything numerical runs in jitted functions (training.py's steps,
+evaluators.py's metrics, sampling.py's samplers); outputs.py writes the files."""
 from __future__ import annotations
 
 import dataclasses
@@ -14,12 +15,13 @@ from absl import logging
 
 import checkpointing
 import datasets
-import likelihood
-import losses
+import evaluators as evaluators_lib
+import outputs
 import parallel
 import plots
 import sampling
 import sde_lib
+import training
 from models import utils as mutils
 
 
@@ -39,8 +41,6 @@ class Run:
   state: Any
   data: datasets.DataInfo  # shape, image or vector, bit depth, scalers (the one data description)
   is_main: bool
-  # Jitted functions built once per run (a new closure would recompile at every checkpoint).
-  compiled: Dict[str, Any] = dataclasses.field(default_factory=dict)
 
   @property
   def scaler(self):
@@ -50,11 +50,12 @@ class Run:
   def inverse_scaler(self):
     return self.data.inverse_scaler
 
-  def get(self, name: str, build):
-    """The function `name`, built by `build()` on first use."""
-    if name not in self.compiled:
-      self.compiled[name] = build()
-    return self.compiled[name]
+  def draw_samples(self, sampling_fn, state, seed_offset: int):
+    """(samples on every process, nfe) from sampling_fn with state's EMA params; the rng is
+    config.seed folded with seed_offset, so a batch is the same whenever it is drawn."""
+    rng = jax.random.fold_in(jax.random.PRNGKey(self.config.seed), seed_offset)
+    samples, nfe = sampling_fn(rng, state.ema_params, state.model_state)
+    return parallel.to_host(samples), int(nfe)
 
 
 def _check_workdir(workdir: str) -> str:
@@ -122,7 +123,7 @@ def check_config(config) -> None:
   """Every check that needs neither I/O nor compilation: names, sizes, schedules."""
   sde_lib.get_sde(config)  # unknown SDE -> ValueError
   mutils.get_model(config.model.name)  # unknown model -> ValueError
-  losses.get_optimizer(config)  # unknown optimizer -> ValueError
+  training.get_optimizer(config)  # unknown optimizer -> ValueError
   datasets.dataset_info(config, count=False)  # unknown data set -> ValueError
   mutils.check_input_shape(config)  # image size vs the network -> ValueError
   sampling.check_sampling_config(config)  # unknown sampler names -> ValueError
@@ -137,89 +138,9 @@ def setup(config, workdir: str) -> Run:
   mesh = parallel.make_mesh()
   parallel.check_batch_size(config.training.batch_size, mesh, 'config.training.batch_size')
   parallel.check_batch_size(config.eval.batch_size, mesh, 'config.eval.batch_size')
-  model, state = losses.init_train_state(jax.random.PRNGKey(config.seed), config, mesh)
+  model, state = training.init_train_state(jax.random.PRNGKey(config.seed), config, mesh)
   return Run(config, workdir, mesh, sde, eps, model, state, datasets.dataset_info(config, count=False),
              jax.process_index() == 0)
-
-
-def _sample_shape(run: Run, n: int):
-  return run.data.batch_shape(n)
-
-
-# ------------------------------------------------------------------------------------------------
-# Outputs: metric log, TensorBoard, sample grids.
-
-
-class MetricLog:
-  """metrics.jsonl (one JSON object per logged step) plus TensorBoard events; process 0 writes."""
-
-  def __init__(self, workdir: str, is_main: bool, resume_step: Optional[int] = None):
-    self.is_main = is_main
-    self.path = os.path.join(workdir, 'metrics.jsonl')
-    self.writer = None
-    if is_main:
-      if resume_step is not None:
-        self._roll_back(resume_step)
-      from clu import metric_writers
-      self.writer = metric_writers.create_default_writer(os.path.join(workdir, 'tensorboard'),
-                                                         asynchronous=False)
-
-  def _roll_back(self, step: int) -> None:
-    """Moves the lines logged after `step` (work lost in a kill since the checkpoint the run
-    resumes from) to metrics.rolled_back.jsonl, so that metrics.jsonl has each step once."""
-    if not os.path.exists(self.path):
-      return
-    with open(self.path) as f:
-      lines = [l for l in f if l.strip()]
-    later = [l for l in lines if json.loads(l)['step'] > step]
-    if later:
-      with open(self.path.replace('.jsonl', '.rolled_back.jsonl'), 'a') as f:
-        f.writelines(later)
-      tmp = self.path + '.tmp'
-      with open(tmp, 'w') as f:
-        f.writelines(l for l in lines if json.loads(l)['step'] <= step)
-      os.replace(tmp, self.path)
-
-  def write(self, step: int, **scalars: float) -> None:
-    if not self.is_main:
-      return
-    with open(self.path, 'a') as f:
-      f.write(json.dumps({'step': int(step), **{k: float(v) for k, v in scalars.items()}}) + '\n')
-    self.writer.write_scalars(int(step), scalars)
-    self.writer.flush()
-
-
-def save_samples(samples: np.ndarray, directory: str, name: str = 'sample') -> str:
-  """Writes samples as <name>.npz and a PNG (an image grid, or a 2-D histogram for points)."""
-  from PIL import Image
-  os.makedirs(directory, exist_ok=True)
-  samples = np.asarray(samples)
-  np.savez_compressed(os.path.join(directory, f'{name}.npz'), samples=samples)
-  if samples.ndim == 4:  # [B, H, W, C] images in [0, 1]
-    b, h, w, c = samples.shape
-    cols = int(np.ceil(np.sqrt(b)))
-    rows = int(np.ceil(b / cols))
-    grid = np.ones((rows * (h + 2) + 2, cols * (w + 2) + 2, c), np.float32)
-    for i, img in enumerate(np.clip(samples, 0, 1)):
-      r, col = divmod(i, cols)
-      grid[2 + r * (h + 2): 2 + r * (h + 2) + h, 2 + col * (w + 2): 2 + col * (w + 2) + w] = img
-    scale = max(1, 256 // grid.shape[0])
-    grid = np.kron(grid, np.ones((scale, scale, 1)))
-    image = Image.fromarray((grid[..., 0] if c == 1 else grid).__mul__(255).round().astype(np.uint8))
-  else:  # points: the first two coordinates as a 2-D histogram
-    pts = samples.reshape(len(samples), -1)[:, :2]
-    lim = np.abs(pts).max() * 1.05 + 1e-6
-    hist, _, _ = np.histogram2d(pts[:, 1], pts[:, 0], bins=256, range=[[-lim, lim], [-lim, lim]])
-    image = Image.fromarray((255 * (1 - hist[::-1] / max(hist.max(), 1))).astype(np.uint8))
-  path = os.path.join(directory, f'{name}.png')
-  image.save(path)
-  return path
-
-
-def _draw_samples(run: Run, sampling_fn, params, n: int, seed_offset: int):
-  rng = jax.random.fold_in(jax.random.PRNGKey(run.config.seed), seed_offset)
-  samples, nfe = sampling_fn(rng, params, run.state.model_state)
-  return parallel.to_host(samples), int(nfe)  # every process gets all samples
 
 
 # ------------------------------------------------------------------------------------------------
@@ -228,9 +149,11 @@ def _draw_samples(run: Run, sampling_fn, params, n: int, seed_offset: int):
 
 def _next_batches(run: Run, iterator: Iterator, n: int):
   """n host batches stacked to [n, B, ...], scaled, and sharded over the mesh's 'data' axis."""
-  images = np.stack([run.scaler(next(iterator)['image']) for _ in range(n)]).astype(np.float32)
+  batches = [next(iterator) for _ in range(n)]
+  images = np.stack([run.scaler(b['image']) for b in batches]).astype(np.float32)
   mutils.check_input_shape(run.config, images.shape[2:])  # data vs network, before compiling
-  return parallel.shard_batch(run.mesh, {'image': images}, leading_axes=1)
+  labels = np.stack([b['label'] for b in batches]).astype(np.int32)  # class-conditional nets
+  return parallel.shard_batch(run.mesh, {'image': images, 'label': labels}, leading_axes=1)
 
 
 def _crossed(before: int, after: int, freq: int) -> bool:
@@ -279,16 +202,16 @@ def train(config, workdir: str) -> Dict[str, Any]:
 
 def _train_loop(run: Run, meta, snapshots, step: int) -> Dict[str, Any]:
   config, t = run.config, run.config.training
-  optimizer = losses.get_optimizer(config)
-  train_step = losses.get_step_fn(config, run.sde, run.model, optimizer, train=True, mesh=run.mesh)
-  eval_step = losses.get_step_fn(config, run.sde, run.model, optimizer, train=False, mesh=run.mesh)
+  train_step = training.get_train_step(config, run.sde, run.model, training.get_optimizer(config),
+                                       mesh=run.mesh)
+  eval_step = training.get_eval_step(config, run.sde, run.model, mesh=run.mesh)
   train_iter = datasets.get_dataset(config, split='train', start_step=step)
   eval_iter = datasets.get_dataset(config, split='test', start_step=step // max(t.eval_freq, 1))
-  sampling_fn = (sampling.get_sampling_fn(config, run.sde, run.model, _sample_shape(run, t.batch_size),
+  sampling_fn = (sampling.get_sampling_fn(config, run.sde, run.model, run.data.batch_shape(t.batch_size),
                                           run.inverse_scaler, run.eps, mesh=run.mesh)
                  if t.snapshot_sampling else None)
-  log = MetricLog(run.workdir, run.is_main, resume_step=step)
-  progress = _progress(run, step, t.n_iters)
+  log = outputs.MetricLog(run.workdir, run.is_main, resume_step=step)
+  progress = outputs.progress(run.is_main, t.n_iters, step)
   last_loss = float('nan')
 
   with checkpointing.TerminationFlag() as termination:
@@ -309,7 +232,9 @@ def _train_loop(run: Run, meta, snapshots, step: int) -> Dict[str, Any]:
         log.write(step, training_loss=last_loss)
         progress.set_postfix(loss=f'{last_loss:.4g}')
       if _crossed(before, step, t.eval_freq):
-        eval_batch = parallel.shard_batch(run.mesh, {'image': run.scaler(next(eval_iter)['image'])})
+        batch = next(eval_iter)
+        eval_batch = parallel.shard_batch(run.mesh, {'image': run.scaler(batch['image']),
+                                                     'label': batch['label'].astype(np.int32)})
         log.write(step, eval_loss=float(eval_step(run.state, eval_batch)))
       if step % t.snapshot_freq == 0 and step < t.n_iters:
         _snapshot(run, snapshots, sampling_fn, step)
@@ -332,16 +257,11 @@ def _snapshot(run: Run, snapshots, sampling_fn, step: int) -> None:
   if run.is_main:
     plots.training_plots(run.workdir)
   if sampling_fn is not None:
-    samples, nfe = _draw_samples(run, sampling_fn, run.state.ema_params, 0, step)
+    samples, nfe = run.draw_samples(sampling_fn, run.state, step)
     if run.is_main:
-      path = save_samples(samples, os.path.join(run.workdir, 'samples', f'iter_{step}'))
+      path = outputs.save_samples(samples, os.path.join(run.workdir, 'samples', f'iter_{step}'))
       logging.info('Step %d: saved checkpoint %d and %d samples (%d NFE) to %s.', step, ckpt,
                    len(samples), nfe, path)
-
-
-def _progress(run: Run, step: int, total: int):
-  from tqdm import tqdm
-  return tqdm(total=total, initial=step, disable=not run.is_main, unit='step', dynamic_ncols=True)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -377,126 +297,12 @@ def _wait_for_snapshot(run: Run, snapshots, ckpt: int, timeout_s: float):
 
 
 def _outputs_dir(run: Run, eval_dir: str, ckpt: int, step: int) -> str:
-  """<eval_dir>/ckpt_<ckpt>, the sample rounds of snapshot `ckpt` at `step` with this config's
-  sampling settings (see `_fresh_outputs`)."""
+  """<eval_dir>/ckpt_<ckpt>, the outputs (sample rounds) of snapshot `ckpt` at `step` with this
+  config's sampling settings (see `outputs.fresh_outputs`)."""
   c = run.config
-  return _fresh_outputs(run, os.path.join(eval_dir, f'ckpt_{ckpt}'),
-                        {'step': step, 'seed': c.seed, 'batch_size': c.eval.batch_size,
-                         'sampling': c.sampling.to_dict()})
-
-
-def _fresh_outputs(run: Run, path: str, key: Dict[str, Any]) -> str:
-  """Creates the resumable output folder `path` for the outputs that `key` describes (recorded in
-  its outputs_of.json); outputs found there of another key (a snapshot replaced when its run was
-  extended, other sampling settings) are moved aside to <path>.replaced[.k], never reused."""
-  marker = os.path.join(path, 'outputs_of.json')
-  key = json.loads(json.dumps(key))
-  if run.is_main:
-    if os.path.exists(marker):
-      with open(marker) as f:
-        stale = json.load(f) != key
-    else:  # absent: a new folder, or one written before markers (assumed to match)
-      stale = False
-    if stale:
-      new, k = path + '.replaced', 1
-      while os.path.exists(new):
-        k += 1
-        new = f'{path}.replaced.{k}'
-      os.rename(path, new)
-      logging.warning('Moved the outputs of another snapshot or setting aside: %s.', new)
-    os.makedirs(path, exist_ok=True)
-    with open(marker, 'w') as f:
-      json.dump(key, f)
-  checkpointing.barrier(f'outputs_{os.path.basename(path)}')
-  return path
-
-
-def _eval_loss(run: Run, state) -> float:
-  """Mean eval loss over one pass of the test split (padding masked out)."""
-  eval_step = run.get('eval_step', lambda: losses.get_step_fn(
-      run.config, run.sde, run.model, losses.get_optimizer(run.config), train=False, mesh=run.mesh))
-  total, count = 0., 0.
-  for i, batch in enumerate(datasets.get_dataset(run.config, split='test', evaluation=True)):
-    sharded = parallel.shard_batch(run.mesh, {'image': run.scaler(batch['image']),
-                                              'mask': batch['mask'].astype(np.float32)})
-    rng = jax.random.fold_in(jax.random.PRNGKey(run.config.seed), i)
-    weight = float(parallel.to_host(sharded['mask']).sum())  # of the global batch
-    total += float(eval_step(state, sharded, rng)) * weight
-    count += weight
-  return total / max(count, 1.)
-
-
-def _bpd(run: Run, state) -> float:
-  """Bits/dim over the whole bpd_dataset split, averaged over eval.bpd_num_repeats passes with
-  fresh uniform dequantization noise each (the paper: 5 passes over the CIFAR-10 test set)."""
-  c = run.config
-  if run.data.is_image and not run.data.dequantized:
-    logging.warning('data.uniform_dequantization is off: bits/dim of discrete data is not a code '
-                    'length and can be negative.')
-  likelihood_fn = run.get('likelihood', lambda: likelihood.get_likelihood_fn(
-      c, run.sde, run.model, run.inverse_scaler, data_scaler=run.scaler))
-  # Several passes only make sense with fresh dequantization noise each time.
-  repeats = int(c.eval.get('bpd_num_repeats', 1)) if run.data.dequantized else 1
-  total, count, nfes, start = 0., 0., [], time.time()
-  for repeat in range(repeats):
-    for i, batch in enumerate(datasets.get_dataset(c, split=c.eval.bpd_dataset, evaluation=True,
-                                                   dequant_seed=repeat)):
-      x, mask = parallel.shard_batch(run.mesh, (run.scaler(batch['image']).astype(np.float32),
-                                                batch['mask'].astype(np.float32)))
-      rng = jax.random.fold_in(jax.random.PRNGKey(c.seed), repeat * 100003 + i)
-      bpd, _, nfe = likelihood_fn(rng, state.ema_params, x, state.model_state)
-      bpd, mask = parallel.to_host((bpd, mask))  # of the global batch, on every process
-      total += float(np.sum(bpd * mask))
-      count += float(mask.sum())
-      nfes.append(int(nfe))
-    logging.info('bits/dim pass %d/%d: %.4f so far (%d examples, mean NFE %.0f, %.0f s).',
-                 repeat + 1, repeats, total / max(count, 1.), count, np.mean(nfes),
-                 time.time() - start)
-  return total / max(count, 1.)
-
-
-def _sample_rounds(run: Run, state, ckpt_dir: str, extractor) -> Dict[str, np.ndarray]:
-  """eval.num_samples samples in rounds of eval.batch_size; each finished round is saved
-  (samples and features), so a crashed evaluation resumes at the next unfinished round."""
-  c = run.config
-  batch = int(c.eval.batch_size)
-  n_rounds = int(np.ceil(c.eval.num_samples / batch))
-  sampling_fn = run.get('sampling', lambda: sampling.get_sampling_fn(
-      c, run.sde, run.model, _sample_shape(run, batch), run.inverse_scaler, run.eps, mesh=run.mesh))
-  feats, start = [], time.time()
-  for r in range(n_rounds):
-    path = os.path.join(ckpt_dir, f'round_{r}.npz')
-    if os.path.exists(path):
-      with np.load(path) as f:
-        feats.append({k: f[k] for k in ('pool', 'logits')} if extractor else {})
-      continue
-    samples, nfe = _draw_samples(run, sampling_fn, state.ema_params, batch, 1_000_003 * (r + 1))
-    logging.info('Sampling round %d/%d: %d samples, %d NFE (%.0f s).', r + 1, n_rounds, batch, nfe,
-                 time.time() - start)
-    out = {'samples': samples}
-    if extractor is not None:
-      out.update({k: np.asarray(v) for k, v in jax.device_get(extractor[1](samples)).items()})
-    if run.is_main:
-      if r == 0:
-        save_samples(samples, ckpt_dir)
-      _save_npz(path, **out)  # atomic: a round file is either complete or absent
-    feats.append({k: out[k] for k in ('pool', 'logits')} if extractor else {})
-  if not extractor:
-    return {}
-  return {k: np.concatenate([f[k] for f in feats])[:c.eval.num_samples] for k in ('pool', 'logits')}
-
-
-def _sample_quality(run: Run, state, ckpt_dir: str, extractor) -> Dict[str, float]:
-  """FID / IS / KID of the samples against the data statistics (cached in the workdir); for
-  vector data (no extractor) the samples only."""
-  import evaluation
-  c = run.config
-  if extractor is None:
-    _sample_rounds(run, state, ckpt_dir, None)
-    return {}
-  feats = _sample_rounds(run, state, ckpt_dir, extractor)
-  _, stats = evaluation.reference_stats(c, run.workdir, extractor, progress=run.is_main)
-  return evaluation.compute_metrics(feats, stats, kid_subset_size=min(1000, len(feats['pool'])))
+  return outputs.fresh_outputs(os.path.join(eval_dir, f'ckpt_{ckpt}'),
+                               {'step': step, 'seed': c.seed, 'batch_size': c.eval.batch_size,
+                                'sampling': c.sampling.to_dict()}, run.is_main)
 
 
 def evaluate(config, workdir: str, eval_folder: str = 'eval') -> list:
@@ -528,11 +334,7 @@ def _evaluate_range(run: Run, snapshots, eval_dir: str, begin: Optional[int],
   e = run.config.eval
   results_path = os.path.join(eval_dir, 'results.jsonl')
   done, results = _done_ckpts(results_path), []
-  extractor = None
-  if e.enable_sampling and run.data.is_image:
-    import evaluation
-    # Before any checkpoint work: missing Inception weights fail here, not after the first sweep.
-    extractor = evaluation.get_feature_extractor(run.config, run.workdir)
+  evaluators = evaluators_lib.get_evaluators(run)  # set up (and validated) before checkpoint work
   for ckpt in range(begin or 1, (end or 0) + 1):
     info = checkpointing.read_info(snapshots, ckpt) or {}
     if ckpt in done and 'step' in info and done[ckpt].get('step') == info['step']:
@@ -551,7 +353,7 @@ def _evaluate_range(run: Run, snapshots, eval_dir: str, begin: Optional[int],
     if ckpt in done and done[ckpt].get('step', step) == step:  # no manifest to tell beforehand
       results.append(done[ckpt])
       continue
-    result = _evaluate_snapshot(run, state, ckpt, eval_dir, extractor)
+    result = _evaluate_snapshot(run, state, ckpt, eval_dir, evaluators)
     if run.is_main:
       with open(results_path, 'a') as f:
         f.write(json.dumps(result) + '\n')
@@ -560,17 +362,14 @@ def _evaluate_range(run: Run, snapshots, eval_dir: str, begin: Optional[int],
   return results
 
 
-def _evaluate_snapshot(run: Run, state, ckpt: int, eval_dir: str, extractor) -> Dict[str, Any]:
-  """{'ckpt', 'step'} and whichever of loss, bpd and sample quality config.eval enables."""
-  e = run.config.eval
+def _evaluate_snapshot(run: Run, state, ckpt: int, eval_dir: str, evaluators) -> Dict[str, Any]:
+  """{'ckpt', 'step'} and the metrics of every enabled evaluator."""
   step = int(state.step)
   result: Dict[str, Any] = {'ckpt': ckpt, 'step': step}
-  if e.enable_loss:
-    result['loss'] = _eval_loss(run, state)
-  if e.enable_bpd:
-    result['bpd'] = _bpd(run, state)
-  if e.enable_sampling:
-    result.update(_sample_quality(run, state, _outputs_dir(run, eval_dir, ckpt, step), extractor))
+  if any(ev.writes_outputs for ev in evaluators):
+    out = _outputs_dir(run, eval_dir, ckpt, step)
+  for evaluator in evaluators:
+    result.update(evaluator.run(state, out if evaluator.writes_outputs else eval_dir))
   logging.info('Checkpoint %d: %s', ckpt, result)
   return result
 
@@ -612,21 +411,20 @@ def sample(config, workdir: str, folder: str = 'samples_mode') -> Dict[str, Any]
     ckpt, state = _restore_snapshot(run, snapshots, config.eval.get('ckpt', None))
     e, step = config.eval, int(state.step)
     batch, n_batches = int(e.batch_size), int(np.ceil(e.num_samples / e.batch_size))
-    out = _fresh_outputs(run, os.path.join(out_root, f'ckpt_{ckpt}'),
-                         {'step': step, 'seed': config.seed, 'batch_size': batch,
-                          'sampling': config.sampling.to_dict()})
-    sampling_fn = sampling.get_sampling_fn(config, run.sde, run.model, _sample_shape(run, batch),
+    out = outputs.fresh_outputs(os.path.join(out_root, f'ckpt_{ckpt}'),
+                                {'step': step, 'seed': config.seed, 'batch_size': batch,
+                                 'sampling': config.sampling.to_dict()}, run.is_main)
+    sampling_fn = sampling.get_sampling_fn(config, run.sde, run.model, run.data.batch_shape(batch),
                                            run.inverse_scaler, run.eps, mesh=run.mesh)
-    progress = _progress(run, 0, n_batches)
-    progress.unit = 'batch'
+    progress = outputs.progress(run.is_main, n_batches, unit='batch')
     parts, nfes, seconds = [], [], 0.
     for i in range(n_batches):
       path = os.path.join(out, f'batch_{i}.npz')
       if not os.path.exists(path):
         start = time.time()
-        samples, nfe = _draw_samples(run, sampling_fn, state.ema_params, batch, 7_000_003 * (i + 1))
+        samples, nfe = run.draw_samples(sampling_fn, state, 7_000_003 * (i + 1))
         if run.is_main:
-          _save_npz(path, samples=samples, nfe=nfe, seconds=time.time() - start)
+          outputs.save_npz(path, samples=samples, nfe=nfe, seconds=time.time() - start)
         checkpointing.barrier(f'sample_batch_{i}')
       with np.load(path) as f:
         parts.append(f['samples'])
@@ -639,20 +437,13 @@ def sample(config, workdir: str, folder: str = 'samples_mode') -> Dict[str, Any]
                'seed': config.seed, 'sampling': config.sampling.to_dict(),
                'nfe_per_sample': float(np.mean(nfes)), 'seconds': seconds, 'outputs': out}
     if run.is_main:
-      _save_npz(os.path.join(out, 'samples.npz'), samples=samples)
-      save_samples(samples[:64], out, 'sample')
+      outputs.save_npz(os.path.join(out, 'samples.npz'), samples=samples)
+      outputs.save_samples(samples[:64], out, 'sample')
       with open(os.path.join(out, 'sampling.json'), 'w') as f:
         json.dump(summary, f, indent=1, default=str)
     logging.info('Wrote %d samples of snapshot %d (step %d) to %s: %.1f NFE a sample, %.0f s.',
                  len(samples), ckpt, step, out, summary['nfe_per_sample'], seconds)
     return summary
-
-
-def _save_npz(path: str, **arrays) -> None:
-  """Writes an .npz atomically: a file that exists is complete."""
-  tmp = path + '.tmp.npz'
-  np.savez_compressed(tmp, **arrays)
-  os.replace(tmp, path)
 
 
 def _restore_snapshot(run: Run, snapshots, ckpt: Optional[int]):

@@ -7,7 +7,7 @@
 
 Each (config, n_jitted_steps) runs in its own subprocess, so that compile time and peak resident
 memory (resource.getrusage ru_maxrss) belong to that configuration alone. The step is the library's
-`losses.get_step_fn` on all local devices, fed synthetic data of the config's shape that is
+`training.get_train_step` on all local devices, fed synthetic data of the config's shape that is
 already on the device (this measures the step, not the input pipeline: see input_pipeline.py).
 Compile time is lowering + XLA compilation of the fused step; steps/s counts optimizer steps
 (n_jitted_steps per call). Prints a table; no assertions.
@@ -40,7 +40,7 @@ def measure(config_name: str, n_jitted: int, seconds: float, batch_size: int = 0
   import jax
   import numpy as np
 
-  import losses
+  import training
   import parallel
   import sde_lib
   from common import xla_flops
@@ -55,9 +55,9 @@ def measure(config_name: str, n_jitted: int, seconds: float, batch_size: int = 0
   batch = config.training.batch_size
   mesh = parallel.make_mesh()
   sde, _ = sde_lib.get_sde(config)
-  model, state = losses.init_train_state(jax.random.PRNGKey(config.seed), config, mesh)
+  model, state = training.init_train_state(jax.random.PRNGKey(config.seed), config, mesh)
   n_params = sum(int(np.prod(p.shape)) for p in jax.tree_util.tree_leaves(state.params))
-  step = losses.get_step_fn(config, sde, model, losses.get_optimizer(config), train=True, mesh=mesh)
+  step = training.get_train_step(config, sde, model, training.get_optimizer(config), mesh=mesh)
   shape = (n_jitted,) + mutils.input_shape(config, batch)
   data = np.random.RandomState(0).uniform(0., 1., shape).astype(np.float32)
   data = {'image': parallel.shard_batch(mesh, data, leading_axes=1)}

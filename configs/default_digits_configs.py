@@ -31,7 +31,7 @@ def get_default_configs() -> ml_collections.ConfigDict:
   training.log_freq = 50
   training.eval_freq = 250
   training.snapshot_freq_for_preemption = 500
-  training.n_jitted_steps = 1  # CPU: fusing steps saves no time (see losses.get_step_fn)
+  training.n_jitted_steps = 1  # CPU: fusing steps saves no time (see training.get_train_step)
 
   evaluate = config.eval
   # Snapshot i is the state at step i * snapshot_freq. None (the default): the final snapshot of

@@ -71,7 +71,7 @@ def import_checkpoint(config, checkpoint: str, workdir: str, ckpt=None) -> dict:
   import jax.numpy as jnp
 
   import checkpointing
-  import losses
+  import training
   import original_checkpoints
 
   workdir = os.path.abspath(workdir)
@@ -81,7 +81,7 @@ def import_checkpoint(config, checkpoint: str, workdir: str, ckpt=None) -> dict:
   fmt = original_checkpoints.detect_format(checkpoint)
   imported = checkpointing.import_original(checkpoint, config)
   step = imported['step']
-  _, state = losses.init_train_state(jax.random.PRNGKey(config.seed), config)
+  _, state = training.init_train_state(jax.random.PRNGKey(config.seed), config)
   state = state.replace(step=jnp.asarray(step, state.step.dtype),
                         params=jax.tree_util.tree_map(jnp.asarray, imported['params']),
                         ema_params=jax.tree_util.tree_map(jnp.asarray, imported['ema_params']))

@@ -7,7 +7,7 @@ import os
 import pytest
 
 import datasets
-import losses
+import training
 import sampling
 import sde_lib
 from models import utils as mutils
@@ -40,7 +40,7 @@ def test_config_is_valid(name):
   config = importlib.import_module(name).get_config()
   sde_lib.get_sde(config)
   mutils.get_model(config.model.name)
-  losses.get_optimizer(config)
+  training.get_optimizer(config)
   sampling.check_sampling_config(config)
   assert str(config.data.dataset).lower() in {d.lower() for d in datasets.DATASETS}
   for section, fields in REAL_FIELDS.items():

@@ -14,6 +14,8 @@ import pytest
 from scipy.integrate import cumulative_trapezoid, trapezoid
 
 import losses
+
+import training
 import mixtures
 import parallel
 import sde_lib
@@ -263,7 +265,7 @@ def optim_config(**kw):
 
 def first_updates(config, grad: float, n: int, param: float = 5.):
   """The updates of n steps of get_optimizer(config) for one parameter and a constant gradient."""
-  opt = losses.get_optimizer(config)
+  opt = training.get_optimizer(config)
   params = {'w': jnp.array([param])}
   state, out = opt.init(params), []
   for _ in range(n):
@@ -289,9 +291,9 @@ def test_optimizer_warmup_clipping_and_weight_decay():
 def test_optimizer_config_errors():
   """Unknown optimizer names and a zero clipping norm are rejected with the valid choices."""
   with pytest.raises(ValueError, match=r"Unknown optimizer 'SGD'.*Adam"):
-    losses.get_optimizer(optim_config(optimizer='SGD'))
+    training.get_optimizer(optim_config(optimizer='SGD'))
   with pytest.raises(ValueError, match='grad_clip'):
-    losses.get_optimizer(optim_config(grad_clip=0.))
+    training.get_optimizer(optim_config(grad_clip=0.))
 
 
 # ------------------------------------------------------------------------------------------------
@@ -307,10 +309,10 @@ def toy_run():
   config.model.ema_rate = 0.99
   mesh = parallel.make_mesh(jax.devices()[:1])
   sde, _ = sde_lib.get_sde(config)
-  model, state = losses.init_train_state(jax.random.PRNGKey(config.seed), config, mesh)
-  opt = losses.get_optimizer(config)
-  train_step = losses.get_step_fn(config, sde, model, opt, train=True, mesh=mesh)
-  eval_step = losses.get_step_fn(config, sde, model, opt, train=False, mesh=mesh)
+  model, state = training.init_train_state(jax.random.PRNGKey(config.seed), config, mesh)
+  opt = training.get_optimizer(config)
+  train_step = training.get_train_step(config, sde, model, opt, mesh=mesh)
+  eval_step = training.get_eval_step(config, sde, model, mesh=mesh)
   return dict(config=config, sde=sde, model=model, state=state, train=train_step, eval=eval_step)
 
 

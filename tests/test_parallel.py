@@ -14,7 +14,7 @@ import jax
 import numpy as np
 import pytest
 
-import losses
+import training
 import mixtures
 import parallel
 import sde_lib
@@ -40,11 +40,11 @@ def run_steps(mesh) -> dict:
   """N_CALLS train calls of N_FUSED steps and one eval on `mesh`; returns numpy results."""
   config = tiny_config()
   sde, _ = sde_lib.get_sde(config)
-  model, state = losses.init_train_state(jax.random.PRNGKey(config.seed), config, mesh)
+  model, state = training.init_train_state(jax.random.PRNGKey(config.seed), config, mesh)
   init = np.concatenate([np.ravel(p) for p in jax.tree_util.tree_leaves(state.params)] * 2)
-  opt = losses.get_optimizer(config)
-  train_step = losses.get_step_fn(config, sde, model, opt, train=True, mesh=mesh)
-  eval_step = losses.get_step_fn(config, sde, model, opt, train=False, mesh=mesh)
+  opt = training.get_optimizer(config)
+  train_step = training.get_train_step(config, sde, model, opt, mesh=mesh)
+  eval_step = training.get_eval_step(config, sde, model, mesh=mesh)
   x = np.asarray(mixtures.ring2d().sample(jax.random.PRNGKey(1), N_CALLS * N_FUSED * BATCH))
   x = x.reshape(N_CALLS, N_FUSED, BATCH, 2)
   train_losses = []
@@ -65,11 +65,11 @@ def check_errors(mesh) -> dict:
   sde, _ = sde_lib.get_sde(config)
   model = mutils.create_model(config)  # never initialized: nothing may compile
   try:
-    losses.get_step_fn(config, sde, model, losses.get_optimizer(config), train=True, mesh=mesh)
+    training.get_train_step(config, sde, model, training.get_optimizer(config), mesh=mesh)
   except ValueError as e:
     out['config'] = str(e)
   config = tiny_config()
-  step = losses.get_step_fn(config, sde, model, losses.get_optimizer(config), train=True, mesh=mesh)
+  step = training.get_train_step(config, sde, model, training.get_optimizer(config), mesh=mesh)
   try:  # the shape check comes before the state is even looked at
     step(None, {'image': np.zeros((N_FUSED, 6, 2), np.float32)})
   except ValueError as e:
@@ -151,11 +151,11 @@ def test_unknown_names_raise_clear_errors():
   config = tiny_config()
   config.model.name = 'transformer'
   with pytest.raises(ValueError, match=r"'transformer'.*mlp"):
-    losses.init_train_state(jax.random.PRNGKey(0), config)
+    training.init_train_state(jax.random.PRNGKey(0), config)
   config = tiny_config()
   config.optim.optimizer = 'Lion'
   with pytest.raises(ValueError, match=r"'Lion'.*Adam"):
-    losses.init_train_state(jax.random.PRNGKey(0), config)
+    training.init_train_state(jax.random.PRNGKey(0), config)
 
 
 def test_mesh_helpers():

@@ -18,6 +18,7 @@ import pytest
 
 import checkpointing
 import datasets
+import outputs
 import run_lib
 from configs.toy import vp_ring2d
 from models import utils as mutils
@@ -326,7 +327,7 @@ def test_non_finite_message_without_checkpoint(tmp_path):
 
 
 def test_bad_schedule_and_shapes_are_rejected_before_work(tmp_path, monkeypatch):
-  monkeypatch.setattr(run_lib.losses, 'init_train_state', lambda *a, **k: pytest.fail('compiled'))
+  monkeypatch.setattr(run_lib.training, 'init_train_state', lambda *a, **k: pytest.fail('compiled'))
   for training, match in [({'n_iters': 0}, r'config.training.n_iters=0 must be an integer >= 1'),
                           ({'n_jitted_steps': 0}, r'n_jitted_steps=0'),
                           ({'snapshot_freq': 0}, r'snapshot_freq=0')]:
@@ -364,7 +365,7 @@ def test_validation_does_no_io(monkeypatch):
 def test_metrics_of_lost_steps_are_rolled_back(tmp_path):
   (tmp_path / 'metrics.jsonl').write_text(''.join(json.dumps({'step': s}) + '\n'
                                                   for s in (5, 10, 15)))
-  run_lib.MetricLog(str(tmp_path), True, resume_step=10)
+  outputs.MetricLog(str(tmp_path), True, resume_step=10)
   assert [json.loads(l)['step'] for l in open(tmp_path / 'metrics.jsonl')] == [5, 10]
   assert [json.loads(l)['step'] for l in open(tmp_path / 'metrics.rolled_back.jsonl')] == [15]
 

@@ -7,6 +7,7 @@ import numpy as np
 
 import likelihood
 import losses
+import training
 import parallel
 import sampling
 import sde_lib
@@ -74,9 +75,8 @@ def test_it_trains_a_step():
   config.training.batch_size = 64
   config.optim.warmup = 0  # the first update has the full learning rate
   mesh = parallel.make_mesh()
-  model, state = losses.init_train_state(jax.random.PRNGKey(0), config, mesh)
-  train_step = losses.get_step_fn(config, SDE, model, losses.get_optimizer(config), train=True,
-                                  mesh=mesh)
+  model, state = training.init_train_state(jax.random.PRNGKey(0), config, mesh)
+  train_step = training.get_train_step(config, SDE, model, training.get_optimizer(config), mesh=mesh)
   batch = parallel.shard_batch(mesh, {'image': np.asarray(RING.sample(jax.random.PRNGKey(1), 64))[None]},
                                leading_axes=1)
   before = [np.asarray(p) for p in jax.tree_util.tree_leaves(state.params)]
