@@ -668,11 +668,13 @@ def get_dataset(config, *, split: str = 'train', evaluation: bool = False, start
                      dequant_seed)
 
 
-def dataset_info(config, *, count: bool = True) -> DataInfo:
-  """The `DataInfo` of config.data; validates the data set name, shape and channels.
+def dataset_info(config, *, count: bool = True, check: bool = True) -> DataInfo:
+  """The `DataInfo` of config.data; validates the data set name and (check=True) that its images
+  have the configured shape and channels.
 
   count=False does no I/O (`splits` None); count=True counts both splits (tfds / TFRecord /
-  folder sets read their indexes)."""
+  folder sets read their indexes). check=False describes the configured shape as it is (what a
+  network built from the config takes, e.g. a 1-channel 8x8 CIFAR-10 test network)."""
   spec = _spec(config)
   d = config.data
   common = dict(name=spec.name, centered=bool(d.get('centered', False)),
@@ -683,12 +685,13 @@ def dataset_info(config, *, count: bool = True) -> DataInfo:
     return DataInfo(shape=(gmm.dim,), is_image=False, n_bits=0, num_classes=len(gmm.weights),
                     splits={'train': None, 'test': TOY_TEST_SIZE} if count else None, **common)
   size, channels = int(d.image_size), int(d.num_channels)
-  if spec.kind == 'digits':
+  if check and spec.kind == 'digits':
     _check_digits_shape(config)
-  elif spec.kind in ('tfds', 'tfrecord') and channels != 3:  # all RGB; no conversion
+  elif check and spec.kind in ('tfds', 'tfrecord') and channels != 3:  # all RGB; no conversion
     raise ValueError(f'{spec.name} images are RGB: config.data.num_channels must be 3, got '
                      f'{channels}.')
-  num_classes = len(_folder_listing(config).classes) if spec.kind == 'folder' else spec.num_classes
+  num_classes = (len(_folder_listing(config).classes) if spec.kind == 'folder' and check
+                 else spec.num_classes)
   splits = None
   if count and spec.kind == 'digits':
     splits = {s: len(load_digits_split(s)[1]) for s in ('train', 'test')}

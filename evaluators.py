@@ -38,7 +38,7 @@ class Evaluator:
   writes_outputs = False
 
   def __init__(self, run):
-    self.run = run
+    self.ctx = run  # the run_lib.Run: config, mesh, SDE, model, data, workdir
 
   @classmethod
   def enabled(cls, config) -> bool:
@@ -76,8 +76,8 @@ class LossEvaluator(Evaluator):
 
   def run(self, state, outputs_dir):
     total, count = 0., 0.
-    for i, batch in enumerate(eval_batches(self.run, 'test')):
-      rng = jax.random.fold_in(jax.random.PRNGKey(self.run.config.seed), i)
+    for i, batch in enumerate(eval_batches(self.ctx, 'test')):
+      rng = jax.random.fold_in(jax.random.PRNGKey(self.ctx.config.seed), i)
       weight = float(parallel.to_host(batch['mask']).sum())  # of the global batch
       total += float(self.eval_step(state, batch, rng)) * weight
       count += weight
@@ -102,12 +102,12 @@ class BitsPerDimEvaluator(Evaluator):
                                                       run.inverse_scaler, data_scaler=run.scaler)
 
   def run(self, state, outputs_dir):
-    c = self.run.config
+    c = self.ctx.config
     # Several passes only make sense with fresh dequantization noise each time.
-    repeats = int(c.eval.get('bpd_num_repeats', 1)) if self.run.data.dequantized else 1
+    repeats = int(c.eval.get('bpd_num_repeats', 1)) if self.ctx.data.dequantized else 1
     total, count, nfes, start = 0., 0., [], time.time()
     for repeat in range(repeats):
-      for i, batch in enumerate(eval_batches(self.run, c.eval.bpd_dataset, dequant_seed=repeat)):
+      for i, batch in enumerate(eval_batches(self.ctx, c.eval.bpd_dataset, dequant_seed=repeat)):
         rng = jax.random.fold_in(jax.random.PRNGKey(c.seed), repeat * 100003 + i)
         bpd, _, nfe = self.likelihood_fn(rng, state.ema_params, batch['image'], state.model_state)
         bpd, mask = parallel.to_host((bpd, batch['mask']))  # of the global batch, every process
@@ -148,12 +148,12 @@ class SampleQualityEvaluator(Evaluator):
     if self.extractor is None:
       return {}
     import evaluation
-    _, stats = evaluation.reference_stats(self.run.config, self.run.workdir, self.extractor,
-                                          progress=self.run.is_main)
+    _, stats = evaluation.reference_stats(self.ctx.config, self.ctx.workdir, self.extractor,
+                                          progress=self.ctx.is_main)
     return evaluation.compute_metrics(feats, stats, kid_subset_size=min(1000, len(feats['pool'])))
 
   def _rounds(self, state, outputs_dir) -> Dict[str, np.ndarray]:
-    run, e = self.run, self.run.config.eval
+    run, e = self.ctx, self.ctx.config.eval
     batch = int(e.batch_size)
     n_rounds = int(np.ceil(e.num_samples / batch))
     feats, start = [], time.time()

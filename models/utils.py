@@ -61,7 +61,7 @@ def input_shape(config, batch_size: int = 1) -> Tuple[int, ...]:
   """Shape of a model input batch under this config: [B, H, W, C] images, or [B, D] vectors
   (`datasets.dataset_info(config).batch_shape`)."""
   import datasets
-  return datasets.dataset_info(config, count=False).batch_shape(batch_size)
+  return datasets.dataset_info(config, count=False, check=False).batch_shape(batch_size)
 
 
 def check_input_shape(config, shape: Optional[Sequence[int]] = None) -> Tuple[int, ...]:
