@@ -81,12 +81,10 @@ def has_step(manager: ocp.CheckpointManager, step: int) -> bool:
 # Checksums
 
 
-def _sha256(path: str) -> str:
-  digest = hashlib.sha256()
+def file_sha256(path: str) -> str:
+  """sha256 of a file's bytes (hex)."""
   with open(path, 'rb') as f:
-    for chunk in iter(lambda: f.read(1 << 22), b''):
-      digest.update(chunk)
-  return digest.hexdigest()
+    return hashlib.file_digest(f, 'sha256').hexdigest()
 
 
 def _digests(step_dir: str) -> Dict[str, str]:
@@ -98,7 +96,7 @@ def _digests(step_dir: str) -> Dict[str, str]:
       path = os.path.join(root, name)
       rel = os.path.relpath(path, step_dir)
       if rel != MANIFEST:
-        out[rel] = _sha256(path)
+        out[rel] = file_sha256(path)
   return out
 
 
@@ -140,7 +138,7 @@ def _problem(step_dir: str) -> Tuple[Optional[str], bool]:
     path = os.path.join(step_dir, rel)
     if not os.path.isfile(path):
       return f'file {rel} is missing', True
-    if _sha256(path) != digest:
+    if file_sha256(path) != digest:
       return f'file {rel} does not match its checksum', True
   return None, True
 

@@ -266,12 +266,9 @@ def arrays_sha256(flat: Mapping[str, np.ndarray]) -> str:
 
 
 def file_sha256(path: str) -> str:
-  """sha256 of a file's bytes."""
-  h = hashlib.sha256()
+  """sha256 of a file's bytes (hex)."""
   with open(path, 'rb') as f:
-    for chunk in iter(lambda: f.read(1 << 20), b''):
-      h.update(chunk)
-  return h.hexdigest()
+    return hashlib.file_digest(f, 'sha256').hexdigest()
 
 
 def save_variables(path: str, variables: Mapping, source_sha256: str,

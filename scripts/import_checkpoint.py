@@ -24,7 +24,6 @@ does not fit the config: the first mismatching parameter and both shapes).
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import sys
@@ -57,14 +56,6 @@ def _refuse_existing(workdir: str) -> None:
                        f'remove that directory).')
 
 
-def _sha256(path: str) -> str:
-  digest = hashlib.sha256()
-  with open(path, 'rb') as f:
-    for block in iter(lambda: f.read(1 << 20), b''):
-      digest.update(block)
-  return digest.hexdigest()
-
-
 def import_checkpoint(config, checkpoint: str, workdir: str, ckpt=None) -> dict:
   """Writes `checkpoint` into `workdir` as described in the module docstring; returns a summary."""
   import jax
@@ -92,7 +83,8 @@ def import_checkpoint(config, checkpoint: str, workdir: str, ckpt=None) -> dict:
   checkpointing.save(checkpointing.make_manager(os.path.join(workdir, SNAPSHOTS)), ckpt, state,
                      info={'step': step})
   checkpointing.save(checkpointing.make_manager(os.path.join(workdir, META)), step, state)
-  summary = {'checkpoint': os.path.abspath(checkpoint), 'sha256': _sha256(checkpoint),
+  summary = {'checkpoint': os.path.abspath(checkpoint),
+             'sha256': checkpointing.file_sha256(checkpoint),
              'format': fmt, 'step': step, 'ckpt': ckpt, 'config': config.to_dict()}
   with open(os.path.join(workdir, 'imported_from.json'), 'w') as f:
     json.dump(summary, f, indent=1, default=str)
