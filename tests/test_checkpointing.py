@@ -98,10 +98,11 @@ def test_one_flipped_bit_is_caught_by_the_checksums(tmp_path):
   manager = checkpointing.make_manager(directory)
   with pytest.raises(checkpointing.CorruptCheckpointError, match='does not match its checksum'):
     checkpointing.restore(manager, 1, _state(0))
-  # Without the checksums orbax restores the flipped value silently.
+  # Without the checksums orbax restores wrong values silently (one value, or a few dozen when
+  # the flipped byte lies in a compressed chunk).
   os.remove(os.path.join(step_dir, checkpointing.MANIFEST))
   restored = np.asarray(checkpointing.restore(manager, 1, _state(0))['w'])
-  assert np.sum(restored != np.asarray(_state(1)['w'])) == 1
+  assert 1 <= np.sum(restored != np.asarray(_state(1)['w'])) < 4096
 
 
 def test_checkpoint_of_another_shape_is_refused_and_nothing_changes(tmp_path):
