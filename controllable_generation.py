@@ -238,7 +238,7 @@ def classifier_guided_score_fn(score_fn: ScoreFn, log_prob_fn: LogProbFn, labels
   """score_fn(x, t) + scale * grad_x log p_t(labels | x): the guided score_fn(x, t).
 
   `log_prob_fn(x, t) -> [B, K]` gives class log-probabilities of noisy inputs at time t (a
-  noise-conditional classifier, `models.utils.get_log_prob_fn`, or an exact posterior). Each
+  noise-conditional classifier, `models.utils.get_class_log_prob_fn`, or an exact posterior). Each
   example's log-probability must depend on that example only (then the gradient of their sum is
   the per-example gradient). With scale 1 and the exact p_t(y | x) this is the score of
   p_t(x | y) (Bayes; Song et al. 2021, eq. 14); scale > 1 sharpens it towards p(y | x)^scale.

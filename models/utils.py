@@ -160,7 +160,7 @@ def classifier_noise_labels(sde: sde_lib.SDE, t: jax.Array) -> jax.Array:
   return jnp.exp(-sde.log_snr(t))
 
 
-def get_log_prob_fn(sde: sde_lib.SDE, model: nn.Module, params, model_state=None, *,
+def get_class_log_prob_fn(sde: sde_lib.SDE, model: nn.Module, params, model_state=None, *,
                     train: bool = False, rng: Optional[jax.Array] = None
                     ) -> Callable[[jax.Array, jax.Array], jax.Array]:
   """Turns a noise-conditional classifier (logits out, e.g. 'wideresnet') into

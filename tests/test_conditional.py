@@ -174,7 +174,7 @@ def test_classifier_log_probs():
   config = _classifier_config()
   model = mutils.create_model(config)
   sde, _ = gu.make_sde('vp')
-  log_prob_fn = mutils.get_log_prob_fn(sde, model, _random_params(model, (1, 8, 8, 1)))
+  log_prob_fn = mutils.get_class_log_prob_fn(sde, model, _random_params(model, (1, 8, 8, 1)))
   x = jax.random.normal(jax.random.PRNGKey(1), (5, 8, 8, 1))
   lp = jax.jit(log_prob_fn)(x, jnp.linspace(0.01, 1., 5))
   assert lp.shape == (5, 10)
