@@ -1,6 +1,7 @@
-"""Controllable generation from the config: guided sampling and inpainting functions of trained
-networks, the `sample` mode of main.py, and two evaluators (class-conditional sampling, inpainting)
-that run_lib.evaluate calls through one-line hooks.
+"""Controllable generation from the config: guided sampling and completion (inpainting,
+colorization) functions of trained networks, two registered evaluators (`guidance`: accuracy and
+FID per guidance scale; `inpainting`: the error of each mask preset) and `sample`, which
+run_lib.sample hands controllable tasks to (`--mode sample`).
 
 Config fields (config.sampling, read here only):
 - task: 'sample', 'inpaint' or 'colorize' (the last two on the test split's images);
@@ -31,11 +32,14 @@ from absl import logging
 import checkpointing
 import controllable_generation as cg
 import datasets
+import evaluators
 import losses
 import ode
+import outputs
 import parallel
 import sampling
 import sde_lib
+import training
 from models import layers
 from models import utils as mutils
 
@@ -127,7 +131,7 @@ class Classifier:
 
 def load_classifier(config, cls_config, mesh=None) -> Classifier:
   """The newest snapshot of the classifier in config.sampling.classifier_workdir."""
-  model, state = losses.init_train_state(jax.random.PRNGKey(cls_config.seed), cls_config, mesh)
+  model, state = training.init_train_state(jax.random.PRNGKey(cls_config.seed), cls_config, mesh)
   directory = os.path.join(str(config.sampling.classifier_workdir), 'checkpoints')
   state, step = checkpointing.restore_latest(checkpointing.make_manager(directory), state)
   if step is None:
@@ -281,193 +285,247 @@ def missing_mse(x: np.ndarray, truth: np.ndarray, mask: np.ndarray) -> float:
 
 
 # ------------------------------------------------------------------------------------------------
-# Evaluators: evaluator(run, state, out_dir) -> {metric: value}, called by run_lib.evaluate.
-
-
-def _data_stats(run, extractor):
-  """The data statistics of the FID, as run_lib._sample_quality gets them (cached in workdir)."""
-  import evaluation
-  c = run.config
-  return evaluation.get_data_stats(
-      c, run.workdir, extractor,
-      lambda: datasets.get_dataset(c, split='train', evaluation=True, process_index=0,
-                                   process_count=1))
+# Evaluators (evaluators.EVALUATORS): built once per evaluation, run(state, outputs_dir) -> dict.
 
 
 def _tag(value: float) -> str:
   return f'{float(value):g}'
 
 
-def evaluate_guidance(run, state, out_dir: str, extractor=None) -> Dict[str, float]:
-  """Per scale w in eval.guidance_scales: eval.num_samples class-balanced samples under
-  config.sampling.guidance; FID against the training data ({guidance}_w{w}_fid) and, with the
-  digits classifier as extractor, its accuracy on the samples against their requested labels
-  ({guidance}_w{w}_acc: the conditional-generation metric). Writes class_grid_w{w}.png (one row
-  per class) and guided_w{w}.npz (samples, labels, features; a finished scale is reused)."""
-  import evaluation
-  c = run.config
-  cls_config = check_config(c)
-  guidance = str(c.sampling.guidance)
-  if guidance == 'none':
-    raise ValueError("eval.enable_guidance needs config.sampling.guidance 'cfg' or 'classifier'.")
-  extractor = extractor or run.get('extractor', lambda: evaluation.get_feature_extractor(
-      c, run.workdir))
-  classifier = run.get('classifier', lambda: load_classifier(c, cls_config, run.mesh)) \
-      if cls_config is not None else None
-  k = num_guidance_classes(c, cls_config)
-  batch, n = int(c.eval.batch_size), int(c.eval.num_samples)
-  sampling_fn = run.get('guided_sampling', lambda: get_guided_sampling_fn(
-      c, run.sde, run.model, mutils.input_shape(c, batch), run.inverse_scaler, run.eps,
-      classifier=classifier, mesh=run.mesh))
-  stats = _data_stats(run, extractor)
-  result = {}
-  os.makedirs(out_dir, exist_ok=True)
-  for w in c.eval.guidance_scales:
-    path = os.path.join(out_dir, f'guided_w{_tag(w)}.npz')
-    if os.path.exists(path):
-      with np.load(path) as f:
-        out = {key: f[key] for key in f.files}
-    else:
-      out = _guided_rounds(run, state, sampling_fn, extractor, w, n, batch, k)
-      if run.is_main:
-        np.savez_compressed(path + '.tmp.npz', **out)
-        os.replace(path + '.tmp.npz', path)  # a finished scale is complete or absent
-    metrics = evaluation.compute_metrics(out, stats, kid_subset_size=min(1000, n))
-    result[f'{guidance}_w{_tag(w)}_fid'] = metrics['fid']
-    if extractor[0].startswith('digits'):
-      result[f'{guidance}_w{_tag(w)}_acc'] = float(np.mean(np.argmax(out['logits'], 1) == out['labels']))
-    if run.is_main:
-      save_grid(class_rows(out['samples'], out['labels'], k),
-                os.path.join(out_dir, f'class_grid_w{_tag(w)}.png'))
-    logging.info('Guidance %s, w = %g: %s', guidance, w,
-                 {key: round(v, 4) for key, v in result.items() if f'_w{_tag(w)}_' in key})
-  return result
-
-
-def _guided_rounds(run, state, sampling_fn, extractor, w, n, batch, k) -> Dict[str, np.ndarray]:
-  outs, start = [], time.time()
-  for r in range(-(-n // batch)):
-    labels = cg.class_labels('all', batch, k, offset=r * batch)
-    rng = jax.random.fold_in(jax.random.PRNGKey(run.config.seed), 7_000_003 * (r + 1))
-    samples, nfe = sampling_fn(rng, state.ema_params, labels, w, state.model_state)
-    samples = parallel.to_host(samples)
-    feats = jax.device_get(extractor[1](samples))
-    outs.append(dict(samples=samples, labels=labels, **{key: np.asarray(feats[key])
-                                                        for key in ('pool', 'logits')}))
-    logging.info('Guided sampling w = %g, round %d: %d samples, %d NFE (%.0f s).', w, r + 1,
-                 batch, int(nfe), time.time() - start)
-  return {key: np.concatenate([o[key] for o in outs])[:n] for key in outs[0]}
-
-
 def _mask_tag(preset: str) -> str:
   return str(preset).replace(':', '_')
 
 
-def evaluate_inpainting(run, state, out_dir: str) -> Dict[str, float]:
-  """Per mask preset of eval.inpaint_masks: unguided inpainting of the first
-  eval.inpaint_num_images test images (0: all) with config.sampling's PC settings; the MSE to the
-  truth over the missing pixels (inpaint_<mask>_mse, [0, 1] units) and inpaint_<mask>.png (rows:
-  masked input, completion, truth)."""
-  c = run.config
-  images, _ = test_images(c, int(c.eval.get('inpaint_num_images', 0)))
-  complete = run.get('inpaint', lambda: get_completion_fn(
-      c, run.sde, run.model, run.scaler, run.inverse_scaler, run.eps, task='inpaint',
-      guidance='none'))
-  batch, result = int(c.eval.batch_size), {}
-  for preset in c.eval.inpaint_masks:
-    mask = cg.inpainting_mask(preset, images.shape, seed=c.seed)
-    outs, start = [], time.time()
-    for i in range(0, len(images), batch):
-      part = images[i:i + batch]
-      part_mask = mask if mask.shape[0] == 1 else mask[i:i + batch]
-      rng = jax.random.fold_in(jax.random.PRNGKey(c.seed), i)
-      x, nfe = complete(rng, state.ema_params, part, part_mask, np.zeros(len(part), np.int32), 0.,
-                        state.model_state)
-      outs.append(np.asarray(x))
-    x = np.concatenate(outs)
-    result[f'inpaint_{_mask_tag(preset)}_mse'] = missing_mse(x, images, mask)
-    logging.info('Inpainting %s: MSE %.5f over the missing pixels of %d images, %d NFE (%.0f s).',
-                 preset, result[f'inpaint_{_mask_tag(preset)}_mse'], len(images), nfe,
-                 time.time() - start)
-    if run.is_main:
-      m = mask[:10] if mask.shape[0] > 1 else mask
-      save_grid(np.stack([masked_view(images[:10], m), x[:10], images[:10]]),
-                os.path.join(out_dir, f'inpaint_{_mask_tag(preset)}.png'))
-  return result
+@evaluators.EVALUATORS.register(name='guidance')
+class GuidanceEvaluator(evaluators.Evaluator):
+  """Per scale w in eval.guidance_scales: eval.num_samples class-balanced samples under
+  config.sampling.guidance ('cfg' or 'classifier'); FID against the training data
+  ({guidance}_w{w}_fid) and, with the digits classifier as feature extractor, its accuracy on the
+  samples against their requested labels ({guidance}_w{w}_acc: the conditional-generation
+  metric). Writes class_grid_w{w}.png (one row per class) and guided_w{w}.npz (samples, labels,
+  features; a finished scale is reused)."""
+  writes_outputs = True
+
+  @classmethod
+  def enabled(cls, config) -> bool:
+    return bool(config.eval.get('enable_guidance', False))
+
+  def __init__(self, run):
+    super().__init__(run)
+    import evaluation
+    c = run.config
+    cls_config = check_config(c)
+    if c.sampling.guidance == 'none':
+      raise ValueError("eval.enable_guidance needs config.sampling.guidance 'cfg' or 'classifier'.")
+    for w in c.eval.guidance_scales:
+      cg._check_nonnegative('eval.guidance_scales', w)
+    self.extractor = evaluation.get_feature_extractor(c, run.workdir)
+    classifier = load_classifier(c, cls_config, run.mesh) if cls_config is not None else None
+    self.num_classes = num_guidance_classes(c, cls_config)
+    self.sampling_fn = get_guided_sampling_fn(
+        c, run.sde, run.model, run.data.batch_shape(int(c.eval.batch_size)), run.inverse_scaler,
+        run.eps, classifier=classifier, mesh=run.mesh)
+
+  def run(self, state, outputs_dir):
+    import evaluation
+    run, c = self.ctx, self.ctx.config
+    guidance, n = str(c.sampling.guidance), int(c.eval.num_samples)
+    _, stats = evaluation.reference_stats(c, run.workdir, self.extractor, progress=run.is_main)
+    result = {}
+    for w in c.eval.guidance_scales:
+      path = os.path.join(outputs_dir, f'guided_w{_tag(w)}.npz')
+      out = None
+      if os.path.exists(path):
+        with np.load(path) as f:
+          out = {key: f[key] for key in f.files}
+        out = out if len(out['labels']) == n else None  # another eval.num_samples: redo
+      if out is None:
+        out = self._samples(state, w, n)
+        if run.is_main:
+          outputs.save_npz(path, **out)  # a finished scale is complete or absent
+      metrics = evaluation.compute_metrics(out, stats, kid_subset_size=min(1000, n))
+      result[f'{guidance}_w{_tag(w)}_fid'] = metrics['fid']
+      if self.extractor[0].startswith('digits'):  # its logits are the digit classes
+        result[f'{guidance}_w{_tag(w)}_acc'] = float(np.mean(np.argmax(out['logits'], 1)
+                                                             == out['labels']))
+      if run.is_main:
+        save_grid(class_rows(out['samples'], out['labels'], self.num_classes),
+                  os.path.join(outputs_dir, f'class_grid_w{_tag(w)}.png'))
+      logging.info('Guidance %s, w = %g: %s', guidance, w,
+                   {k: round(v, 4) for k, v in result.items() if f'_w{_tag(w)}_' in k})
+    return result
+
+  def _samples(self, state, w, n) -> Dict[str, np.ndarray]:
+    run, batch = self.ctx, int(self.ctx.config.eval.batch_size)
+    parts, start = [], time.time()
+    for r in range(-(-n // batch)):
+      labels = cg.class_labels('all', batch, self.num_classes, offset=r * batch)
+      rng = jax.random.fold_in(jax.random.PRNGKey(run.config.seed), 7_000_003 * (r + 1))
+      samples, nfe = self.sampling_fn(rng, state.ema_params, labels, w, state.model_state)
+      samples = parallel.to_host(samples)
+      feats = jax.device_get(self.extractor[1](samples))
+      parts.append(dict(samples=samples, labels=labels,
+                        **{k: np.asarray(feats[k]) for k in ('pool', 'logits')}))
+      logging.info('Guided sampling w = %g, round %d: %d samples, %d NFE (%.0f s).', w, r + 1,
+                   batch, int(nfe), time.time() - start)
+    return {k: np.concatenate([p[k] for p in parts])[:n] for k in parts[0]}
 
 
-def evaluators(config) -> Dict[str, Callable]:
-  """The evaluators config.eval enables: name -> evaluator(run, state, out_dir) -> dict; checks
-  their config fields first (a ValueError before any checkpoint work)."""
-  e, out = config.eval, {}
-  if e.get('enable_guidance', False) or e.get('enable_inpainting', False):
-    check_config(config)
-  if e.get('enable_inpainting', False):
-    for preset in e.inpaint_masks:
-      cg.inpainting_mask(preset, mutils.input_shape(config, 1))
-  if e.get('enable_guidance', False):
-    out['guidance'] = evaluate_guidance
-  if e.get('enable_inpainting', False):
-    out['inpainting'] = evaluate_inpainting
-  return out
+@evaluators.EVALUATORS.register(name='inpainting')
+class InpaintingEvaluator(evaluators.Evaluator):
+  """Per mask preset of eval.inpaint_masks: unguided inpainting (the unconditional score; the
+  null label of a class-conditional network) of the first eval.inpaint_num_images test images
+  (0: all) with config.sampling's PC settings; the mean squared error to the truth over the
+  missing pixels (inpaint_<mask>_mse, [0, 1] units) and inpaint_<mask>.png (rows: masked input,
+  completion, truth). A sample of p(unknown | known) has twice the conditional variance as its
+  expected error: benchmarks/guidance.py prints baselines to read it against."""
+  writes_outputs = True
+
+  @classmethod
+  def enabled(cls, config) -> bool:
+    return bool(config.eval.get('enable_inpainting', False))
+
+  def __init__(self, run):
+    super().__init__(run)
+    c = run.config
+    for preset in c.eval.inpaint_masks:
+      cg.inpainting_mask(preset, run.data.batch_shape(1))
+    self.complete = get_completion_fn(c, run.sde, run.model, run.scaler, run.inverse_scaler,
+                                      run.eps, task='inpaint', guidance='none')
+
+  def run(self, state, outputs_dir):
+    run, c = self.ctx, self.ctx.config
+    images, _ = test_images(c, int(c.eval.get('inpaint_num_images', 0)))
+    result = {}
+    for preset in c.eval.inpaint_masks:
+      mask = cg.inpainting_mask(preset, images.shape, seed=c.seed)
+      start = time.time()
+      x, nfe = complete_in_batches(self.complete, run, state, images, mask)
+      key = f'inpaint_{_mask_tag(preset)}_mse'
+      result[key] = missing_mse(x, images, mask)
+      logging.info('Inpainting %s: MSE %.5f over the missing pixels of %d images, %d NFE (%.0f s).',
+                   preset, result[key], len(images), nfe, time.time() - start)
+      if run.is_main:
+        shown = mask[:10] if mask.shape[0] > 1 else mask
+        save_grid(np.stack([masked_view(images[:10], shown), x[:10], images[:10]]),
+                  os.path.join(outputs_dir, f'inpaint_{_mask_tag(preset)}.png'))
+    return result
+
+
+def complete_in_batches(complete_fn, run, state, images, mask, labels=None, scale=0.,
+                        seed_offset: int = 0) -> Tuple[np.ndarray, int]:
+  """Completions of images [N, ...] in batches of eval.batch_size (the last one padded, so one
+  program serves all): (completions [N, ...], nfe per image)."""
+  batch = int(run.config.eval.batch_size)
+  labels = np.zeros(len(images), np.int32) if labels is None else np.asarray(labels, np.int32)
+  parts, nfe = [], 0
+  for i in range(0, len(images), batch):
+    idx = np.arange(i, i + batch) % len(images)  # wrap the last batch around (padding)
+    part_mask = mask if mask.shape[0] == 1 else mask[idx]
+    rng = jax.random.fold_in(jax.random.PRNGKey(run.config.seed), seed_offset + i)
+    x, nfe = complete_fn(rng, state.ema_params, images[idx], part_mask, labels[idx], scale,
+                         state.model_state)
+    parts.append(np.asarray(parallel.to_host(x))[:len(images) - i])
+  return np.concatenate(parts), int(nfe)
 
 
 # ------------------------------------------------------------------------------------------------
-# The sample mode.
+# The sample mode of controllable tasks.
 
 
-def sample(config, workdir: str) -> Dict[str, Any]:
-  """Samples eval.batch_size images from the newest snapshot in <workdir>/checkpoints under
-  config.sampling (task, guidance, labels, mask) and writes <workdir>/samples/<name>/: a PNG
-  grid (class rows with labels; masked input / completion / truth rows for inpainting and
-  colorization) and samples.npz. Returns {'path', 'nfe', 'snapshot'} (+ 'mse' for inpainting)."""
+def handles(config) -> bool:
+  """Whether `--mode sample` is a controllable task (guided sampling, inpainting, colorization)."""
+  s = config.sampling
+  return str(s.get('task', 'sample')) != 'sample' or str(s.get('guidance', 'none')) != 'none'
+
+
+def sample(config, workdir: str, folder: str = 'samples_mode') -> Dict[str, Any]:
+  """run_lib.sample for a controllable task: from snapshot config.eval.ckpt (None: the newest),
+  config.sampling's task with its guidance, in batches of eval.batch_size:
+  - task 'sample': eval.num_samples samples with labels from sampling.labels ('all': balanced);
+  - task 'inpaint' / 'colorize': the first eval.num_samples test images completed (mask preset
+    sampling.mask / their grey levels); with guidance and labels 'all', each image's own label.
+  Writes <workdir>/<folder>/ckpt_<N>/: samples.npz (samples, labels; for completions also the
+  inputs and truth), sample.png (one row per class; or masked input / completion / truth rows)
+  and sampling.json (settings, snapshot, NFE, seconds, and the MSE to the truth over the missing
+  entries of completions). Returns that summary."""
   import run_lib
   cls_config = check_config(config)
-  run = run_lib.setup(config, workdir)
-  manager = checkpointing.make_manager(os.path.join(run.workdir, 'checkpoints'))
-  state, ckpt = checkpointing.restore_latest(manager, run.state)
-  if ckpt is None:
-    raise FileNotFoundError(f'No snapshot in {manager.directory}; train first (--mode train).')
-  s, n = config.sampling, int(config.eval.batch_size)
-  classifier = load_classifier(config, cls_config, run.mesh) if cls_config is not None else None
-  guidance, task = str(s.guidance), str(s.task)
-  k = num_guidance_classes(config, cls_config) if guidance != 'none' else 0
-  labels = cg.class_labels(s.labels, n, k) if k else np.zeros(n, np.int32)
-  rng = jax.random.PRNGKey(config.seed)
-  name = task + (f'_{guidance}_w{_tag(s.guidance_scale)}' if guidance != 'none' else '')
-  out_dir = os.path.join(run.workdir, 'samples', name)
-  result: Dict[str, Any] = {'snapshot': ckpt}
-  if task == 'sample':
-    fn = get_guided_sampling_fn(config, run.sde, run.model, mutils.input_shape(config, n),
-                                run.inverse_scaler, run.eps, classifier=classifier, mesh=run.mesh)
-    x, nfe = fn(rng, state.ema_params, labels, s.guidance_scale, state.model_state)
-    x = parallel.to_host(x)
-    rows = (class_rows(x, labels, k, cols=max(1, n // k)) if k else x[None]) if x.ndim == 4 else None
-  else:
-    images, truth_labels = test_images(config, n)
-    if guidance != 'none' and str(s.labels).lower() == 'all':
-      labels = truth_labels  # complete each test image towards its own class
-    fn = get_completion_fn(config, run.sde, run.model, run.scaler, run.inverse_scaler, run.eps,
-                           task=task, classifier=classifier)
-    if task == 'colorize':
-      mask = np.zeros((1,) * images.ndim, np.float32)
-      inputs = np.repeat(images.mean(-1, keepdims=True), 3, -1)
+  run_lib.check_config(config)
+  workdir = run_lib._check_workdir(workdir)
+  out_root = os.path.join(workdir, folder)
+  os.makedirs(out_root, exist_ok=True)
+  with checkpointing.WorkdirLock(out_root, 'sampling'):
+    run = run_lib.setup(config, workdir)
+    snapshots = checkpointing.make_manager(os.path.join(run.workdir, 'checkpoints'))
+    ckpt, state = run_lib._restore_snapshot(run, snapshots, config.eval.get('ckpt', None))
+    s, e, step = config.sampling, config.eval, int(state.step)
+    classifier = load_classifier(config, cls_config, run.mesh) if cls_config is not None else None
+    task, guidance = str(s.task), str(s.guidance)
+    k = num_guidance_classes(config, cls_config) if guidance != 'none' else 0
+    out = outputs.fresh_outputs(os.path.join(out_root, f'ckpt_{ckpt}'),
+                                {'step': step, 'seed': config.seed, 'batch_size': e.batch_size,
+                                 'num_samples': e.num_samples, 'sampling': s.to_dict()}, run.is_main)
+    start = time.time()
+    if task == 'sample':
+      result, rows = _sample_task(run, state, classifier, k)
     else:
-      mask = cg.inpainting_mask(s.mask, images.shape, seed=config.seed)
-      inputs = images
-    x, nfe = fn(rng, state.ema_params, inputs, mask, labels[:len(images)], s.guidance_scale,
-                state.model_state)
-    x = np.asarray(x)
-    shown = inputs if task == 'colorize' else masked_view(images, mask)
-    rows = np.stack([shown, x, images])
-    result['mse'] = missing_mse(x, images, mask)
-  if run.is_main:
-    os.makedirs(out_dir, exist_ok=True)
-    np.savez_compressed(os.path.join(out_dir, 'samples.npz'), samples=x,
-                        **({'labels': labels[:len(x)]} if guidance != 'none' else {}))
-    result['path'] = (save_grid(rows, os.path.join(out_dir, 'grid.png')) if rows is not None
-                      else run_lib.save_samples(x, out_dir, 'points'))  # vectors: a 2-D histogram
-    with open(os.path.join(out_dir, 'settings.json'), 'w') as f:
-      json.dump({'snapshot': ckpt, 'sampling': s.to_dict()}, f, default=str)
-  result['nfe'] = int(nfe)
-  return result
+      result, rows = _completion_task(run, state, classifier, k)
+    summary = {'ckpt': ckpt, 'step': step, 'task': task, 'guidance': guidance,
+               'guidance_scale': float(s.guidance_scale), 'seed': config.seed,
+               'sampling': s.to_dict(), 'seconds': time.time() - start, 'outputs': out,
+               **{key: v for key, v in result.items() if np.ndim(v) == 0}}
+    if run.is_main:
+      outputs.save_npz(os.path.join(out, 'samples.npz'),
+                       **{key: v for key, v in result.items() if np.ndim(v) > 0})
+      if rows is not None:
+        save_grid(rows, os.path.join(out, 'sample.png'))
+      else:  # vectors: a 2-D histogram
+        outputs.save_samples(result['samples'], out, 'sample')
+      with open(os.path.join(out, 'sampling.json'), 'w') as f:
+        json.dump(summary, f, indent=1, default=str)
+    logging.info('Wrote %s outputs of snapshot %d (step %d) to %s.', task, ckpt, step, out)
+    return summary
+
+
+def _sample_task(run, state, classifier, k):
+  c = run.config
+  s, batch, n = c.sampling, int(c.eval.batch_size), int(c.eval.num_samples)
+  fn = get_guided_sampling_fn(c, run.sde, run.model, run.data.batch_shape(batch),
+                              run.inverse_scaler, run.eps, classifier=classifier, mesh=run.mesh)
+  parts, labels, nfe = [], [], 0
+  for r in range(-(-n // batch)):
+    y = cg.class_labels(s.labels, batch, k, offset=r * batch) if k else np.zeros(batch, np.int32)
+    rng = jax.random.fold_in(jax.random.PRNGKey(c.seed), 7_000_003 * (r + 1))
+    x, nfe = fn(rng, state.ema_params, y, s.guidance_scale, state.model_state)
+    parts.append(parallel.to_host(x))
+    labels.append(y)
+  x, y = np.concatenate(parts)[:n], np.concatenate(labels)[:n]
+  result = {'samples': x, 'nfe_per_sample': float(nfe), **({'labels': y} if k else {})}
+  if x.ndim != 4:
+    return result, None
+  return result, (class_rows(x, y, k, cols=min(10, max(1, n // k))) if k else x[None, :64])
+
+
+def _completion_task(run, state, classifier, k):
+  c = run.config
+  s, task = c.sampling, str(c.sampling.task)
+  images, truth_labels = test_images(c, int(c.eval.num_samples))
+  labels = np.zeros(len(images), np.int32)
+  if k:
+    labels = (truth_labels.astype(np.int32) if str(s.labels).strip().lower() == 'all'
+              else cg.class_labels(s.labels, len(images), k))
+  if task == 'colorize':
+    mask = np.ones((1, 1, 1, 1), np.float32)  # unused: colorize knows the grey level
+    inputs = np.repeat(images.mean(-1, keepdims=True), 3, -1)
+  else:
+    mask = cg.inpainting_mask(s.mask, images.shape, seed=c.seed)
+    inputs = images
+  fn = get_completion_fn(c, run.sde, run.model, run.scaler, run.inverse_scaler, run.eps,
+                         task=task, classifier=classifier)
+  x, nfe = complete_in_batches(fn, run, state, inputs, mask, labels, s.guidance_scale)
+  shown = inputs if task == 'colorize' else masked_view(images, mask)
+  result = {'samples': x, 'inputs': shown, 'truth': images, 'nfe_per_sample': float(nfe),
+            'mse': missing_mse(x, images, mask) if task == 'inpaint' else
+            float(np.mean((x - images) ** 2)), **({'labels': labels} if k else {})}
+  return result, np.stack([shown[:10], x[:10], images[:10]])

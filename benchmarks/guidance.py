@@ -6,7 +6,7 @@ noise-conditional classifier, and the inpainting error of each mask preset on th
 
 W: a run of configs/digits/vp_ddpmpp_cfg.py (`--mode train`); C: a run of
 configs/digits/vp_classifier.py. Drives the same evaluators as `--mode eval`
-(controllable_run.evaluate_guidance / evaluate_inpainting) on W's newest snapshot, writing their
+(controllable_run.GuidanceEvaluator / InpaintingEvaluator) on W's newest snapshot, writing their
 grids and sample files under W/benchmark_guidance/ (a finished guidance scale is reused), and prints
 tables. Inpainting baselines (`_baselines`): the training split's mean image, a random training
 image, and the training image nearest on the known pixels. A sampler draws from p(x_unknown |
@@ -36,16 +36,15 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 def _restore(config, workdir):
   run = run_lib.setup(config, workdir)
-  manager = checkpointing.make_manager(os.path.join(run.workdir, 'checkpoints'))
-  state, ckpt = checkpointing.restore_latest(manager, run.state)
-  if ckpt is None:
-    raise SystemExit(f'No snapshot in {manager.directory}: train configs/digits/vp_ddpmpp_cfg.py first.')
+  snapshots = checkpointing.make_manager(os.path.join(run.workdir, 'checkpoints'))
+  ckpt, state = run_lib._restore_snapshot(run, snapshots, None)  # the newest
   return run, state, ckpt
 
 
 def _guidance_table(config, workdir, out_dir, scales, name):
   config.eval.guidance_scales = tuple(scales)
   run, state, ckpt = _restore(config, workdir)
+  evaluator = controllable_run.GuidanceEvaluator(run)
   print(f'\n{name}: snapshot {ckpt} (step {int(state.step)}), {config.eval.num_samples} '
         f'class-balanced samples per scale, {config.sampling.method} '
         f'{config.sampling.get("n_steps", "")} steps')
@@ -54,7 +53,7 @@ def _guidance_table(config, workdir, out_dir, scales, name):
   for w in scales:
     config.eval.guidance_scales = (w,)
     t = time.perf_counter()
-    r = controllable_run.evaluate_guidance(run, state, out_dir)
+    r = evaluator.run(state, out_dir)
     g = config.sampling.guidance
     print(f'| {w:g} | {r[f"{g}_w{w:g}_acc"]:.3f} | {r[f"{g}_w{w:g}_fid"]:.2f} | '
           f'{time.perf_counter() - t:.0f} |', flush=True)
@@ -76,6 +75,7 @@ def _inpainting_table(config, workdir, out_dir, masks):
   config.eval.inpaint_masks = tuple(masks)
   config.eval.inpaint_num_images = 0  # the whole test split
   run, state, _ = _restore(config, workdir)
+  evaluator = controllable_run.InpaintingEvaluator(run)
   images, _ = controllable_run.test_images(config)
   train = np.concatenate([b['image'][b['mask'] > 0] for b in datasets.get_dataset(
       config, split='train', evaluation=True)])
@@ -88,7 +88,7 @@ def _inpainting_table(config, workdir, out_dir, masks):
   for preset in masks:
     config.eval.inpaint_masks = (preset,)
     t = time.perf_counter()
-    mse = controllable_run.evaluate_inpainting(run, state, out_dir)[
+    mse = evaluator.run(state, out_dir)[
         'inpaint_' + preset.replace(':', '_') + '_mse']
     seconds = time.perf_counter() - t
     mask = cg.inpainting_mask(preset, images.shape, seed=config.seed)

@@ -7,6 +7,7 @@ import pytest
 
 import losses
 import mixtures
+import training
 from configs import presets
 from configs.default_digits_configs import build
 from configs.toy import vp_ring2d
@@ -207,8 +208,8 @@ def test_classifier_trains_with_the_train_step():
   import datasets
   config = _classifier_config()
   sde, _ = gu.make_sde('vp')
-  model, state = losses.init_train_state(jax.random.PRNGKey(0), config)
-  step_fn = losses.get_step_fn(config, sde, model, losses.get_optimizer(config), train=True)
+  model, state = training.init_train_state(jax.random.PRNGKey(0), config)
+  step_fn = training.get_train_step(config, sde, model, training.get_optimizer(config))
   it = datasets.get_dataset(config, split='train')
   scaler = datasets.get_data_scaler(config)
   history = []

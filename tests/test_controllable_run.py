@@ -68,14 +68,15 @@ def test_sample_mode_with_cfg_on_a_trained_toy_network(tmp_path):
   config = tiny_config(n_iters=2000, snapshot_freq=2000)
   config.model.ema_rate = 0.99  # 0.999 would still average in the untrained start
   presets.class_conditional(config, num_classes=8, label_dropout=0.1)
-  config.eval.batch_size = 400
+  config.eval.update(batch_size=400, num_samples=400)
   run_lib.train(config, str(tmp_path))
   ring = mixtures.ring2d()
   for w, spec in ((0., 'all'), (2., '3')):
     config.sampling.guidance_scale, config.sampling.labels = w, spec
-    result = controllable_run.sample(config, str(tmp_path))
-    assert result['nfe'] == 50 and os.path.exists(result['path'])
-    with np.load(os.path.join(tmp_path, 'samples', f'sample_cfg_w{w:g}', 'samples.npz')) as f:
+    result = run_lib.sample(config, str(tmp_path))  # hands the guided task over
+    assert result['nfe_per_sample'] == 50 and result['guidance'] == 'cfg'
+    assert os.path.exists(os.path.join(result['outputs'], 'sample.png'))
+    with np.load(os.path.join(result['outputs'], 'samples.npz')) as f:
       x, labels = f['samples'], f['labels']
     np.testing.assert_array_equal(labels, cg.class_labels(spec, 400, 8))
     nearest = np.argmin(((x[:, None] - ring.means[None]) ** 2).sum(-1), axis=1)
@@ -93,7 +94,8 @@ def test_digits_evaluators_write_metrics_and_grids(tmp_path):
                      enable_sampling=False, guidance_scales=(0., 2.),
                      inpaint_masks=('left_half', 'random_pixels:0.5'), inpaint_num_images=20)
   run = run_lib.setup(config, str(tmp_path))
-  checkpointing.save(checkpointing.make_manager(os.path.join(tmp_path, 'checkpoints')), 1, run.state)
+  checkpointing.save(checkpointing.make_manager(os.path.join(tmp_path, 'checkpoints')), 1, run.state,
+                     info={'step': 0})
   (result,) = run_lib.evaluate(config, str(tmp_path))
   for key in ('cfg_w0_fid', 'cfg_w0_acc', 'cfg_w2_fid', 'cfg_w2_acc', 'inpaint_left_half_mse',
               'inpaint_random_pixels_0.5_mse'):
@@ -115,3 +117,9 @@ def test_digits_evaluators_write_metrics_and_grids(tmp_path):
   assert int(nfe) == 25
   known = np.broadcast_to(mask, images.shape) > 0
   np.testing.assert_allclose(np.asarray(x)[known], images[known], atol=1e-6)
+  # The sample mode's inpainting task writes the three rows and the error.
+  config.sampling.task, config.sampling.guidance, config.eval.num_samples = 'inpaint', 'none', 20
+  summary = run_lib.sample(config, str(tmp_path))
+  assert summary['task'] == 'inpaint' and np.isfinite(summary['mse'])
+  with np.load(os.path.join(summary['outputs'], 'samples.npz')) as f:
+    assert f['samples'].shape == f['truth'].shape == (20, 8, 8, 1)
