@@ -158,7 +158,8 @@ def guided_score_fn(config, sde, model, params, model_state, labels, scale,
   if guidance == 'cfg':
     return cg.cfg_score_fn(score(labels), score(None), scale)
   if guidance == 'classifier':
-    log_prob_fn = mutils.get_class_log_prob_fn(sde, classifier.model, cls_params, classifier.model_state)
+    log_prob_fn = mutils.get_class_log_prob_fn(sde, classifier.model, cls_params,
+                                               classifier.model_state)
     return cg.classifier_guided_score_fn(score(None), log_prob_fn, labels, scale)
   return score(None)
 
@@ -230,7 +231,7 @@ def get_completion_fn(config, sde, model, scaler, inverse_scaler, eps, *, task: 
 
 
 # ------------------------------------------------------------------------------------------------
-# Images: test-split batches and labelled grids.
+# Images: test-split batches and grid rows.
 
 
 def test_images(config, n: int = 0) -> Tuple[np.ndarray, np.ndarray]:
@@ -247,29 +248,12 @@ def test_images(config, n: int = 0) -> Tuple[np.ndarray, np.ndarray]:
   return (images[:n], labels[:n]) if n else (images, labels)
 
 
-def save_grid(rows: np.ndarray, path: str) -> str:
-  """Writes images [R, C, H, W, ch] in [0, 1] as one PNG grid, R rows of C images (upscaled to
-  about 256 px high), 2 px white borders."""
-  from PIL import Image
-  rows = np.clip(np.asarray(rows, np.float32), 0., 1.)
-  r, c, h, w, ch = rows.shape
-  grid = np.ones((r * (h + 2) + 2, c * (w + 2) + 2, ch), np.float32)
-  for i in range(r):
-    for j in range(c):
-      grid[2 + i * (h + 2):2 + i * (h + 2) + h, 2 + j * (w + 2):2 + j * (w + 2) + w] = rows[i, j]
-  scale = max(1, 256 // grid.shape[0])
-  grid = np.kron(grid, np.ones((scale, scale, 1)))
-  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-  Image.fromarray((255 * (grid[..., 0] if ch == 1 else grid)).round().astype(np.uint8)).save(path)
-  return path
-
-
-def class_rows(samples: np.ndarray, labels: np.ndarray, num_classes: int, cols: int = 10) -> np.ndarray:
-  """[K, cols, ...]: the first `cols` samples of each class (blank where a class has fewer)."""
-  rows = np.ones((num_classes, cols) + samples.shape[1:], np.float32)
-  for k in range(num_classes):
+def class_rows(samples: np.ndarray, labels: np.ndarray, classes, cols: int = 10) -> np.ndarray:
+  """[len(classes), cols, ...]: a row per class, its first `cols` samples (blank if fewer)."""
+  rows = np.ones((len(classes), cols) + samples.shape[1:], np.float32)
+  for i, k in enumerate(classes):
     picked = samples[labels == k][:cols]
-    rows[k, :len(picked)] = picked
+    rows[i, :len(picked)] = picked
   return rows
 
 
@@ -349,8 +333,8 @@ class GuidanceEvaluator(evaluators.Evaluator):
         result[f'{guidance}_w{_tag(w)}_acc'] = float(np.mean(np.argmax(out['logits'], 1)
                                                              == out['labels']))
       if run.is_main:
-        save_grid(class_rows(out['samples'], out['labels'], self.num_classes),
-                  os.path.join(outputs_dir, f'class_grid_w{_tag(w)}.png'))
+        outputs.save_grid(class_rows(out['samples'], out['labels'], range(self.num_classes)),
+                          os.path.join(outputs_dir, f'class_grid_w{_tag(w)}.png'))
       logging.info('Guidance %s, w = %g: %s', guidance, w,
                    {k: round(v, 4) for k, v in result.items() if f'_w{_tag(w)}_' in k})
     return result
@@ -407,8 +391,8 @@ class InpaintingEvaluator(evaluators.Evaluator):
                    preset, result[key], len(images), nfe, time.time() - start)
       if run.is_main:
         shown = mask[:10] if mask.shape[0] > 1 else mask
-        save_grid(np.stack([masked_view(images[:10], shown), x[:10], images[:10]]),
-                  os.path.join(outputs_dir, f'inpaint_{_mask_tag(preset)}.png'))
+        outputs.save_grid(np.stack([masked_view(images[:10], shown), x[:10], images[:10]]),
+                          os.path.join(outputs_dir, f'inpaint_{_mask_tag(preset)}.png'))
     return result
 
 
@@ -479,7 +463,7 @@ def sample(config, workdir: str, folder: str = 'samples_mode') -> Dict[str, Any]
       outputs.save_npz(os.path.join(out, 'samples.npz'),
                        **{key: v for key, v in result.items() if np.ndim(v) > 0})
       if rows is not None:
-        save_grid(rows, os.path.join(out, 'sample.png'))
+        outputs.save_grid(rows, os.path.join(out, 'sample.png'))
       else:  # vectors: a 2-D histogram
         outputs.save_samples(result['samples'], out, 'sample')
       with open(os.path.join(out, 'sampling.json'), 'w') as f:
@@ -504,7 +488,10 @@ def _sample_task(run, state, classifier, k):
   result = {'samples': x, 'nfe_per_sample': float(nfe), **({'labels': y} if k else {})}
   if x.ndim != 4:
     return result, None
-  return result, (class_rows(x, y, k, cols=min(10, max(1, n // k))) if k else x[None, :64])
+  if not k:
+    return result, x[None, :64]
+  classes = np.unique(y)
+  return result, class_rows(x, y, classes, cols=min(10, max(1, n // len(classes))))
 
 
 def _completion_task(run, state, classifier, k):

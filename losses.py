@@ -239,7 +239,7 @@ def get_classifier_loss_fn(sde, model, train: bool, eps: float = 1e-5) -> LossFn
     labels = _batch_labels(batch, 'The classifier loss')
     rng, dropout_rng = jax.random.split(rng)
     log_prob_fn = mutils.get_class_log_prob_fn(sde, model, params, model_state, train=train,
-                                         rng=dropout_rng)
+                                               rng=dropout_rng)
     return _batch_mean(classifier_losses(rng, sde, log_prob_fn, x, labels, eps), mask), model_state
 
   return loss_fn

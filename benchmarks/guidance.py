@@ -111,6 +111,7 @@ def main() -> None:
   args = parser.parse_args()
   skip = set(args.skip.split(','))
   out_dir = os.path.join(args.workdir, 'benchmark_guidance')
+  os.makedirs(os.path.join(out_dir, 'classifier'), exist_ok=True)
 
   def config():
     c = vp_ddpmpp_cfg.get_config()

