@@ -423,13 +423,20 @@ def handles(config) -> bool:
   return str(s.get('task', 'sample')) != 'sample' or str(s.get('guidance', 'none')) != 'none'
 
 
+def _output_name(s) -> str:
+  """sample_cfg_w1, inpaint_center, colorize, ...: tasks and settings get their own folders."""
+  name = str(s.task) + (f'_{_mask_tag(s.mask)}' if s.task == 'inpaint' else '')
+  return name + (f'_{s.guidance}_w{_tag(s.guidance_scale)}' if s.guidance != 'none' else '')
+
+
 def sample(config, workdir: str, folder: str = 'samples_mode') -> Dict[str, Any]:
   """run_lib.sample for a controllable task: from snapshot config.eval.ckpt (None: the newest),
   config.sampling's task with its guidance, in batches of eval.batch_size:
   - task 'sample': eval.num_samples samples with labels from sampling.labels ('all': balanced);
   - task 'inpaint' / 'colorize': the first eval.num_samples test images completed (mask preset
     sampling.mask / their grey levels); with guidance and labels 'all', each image's own label.
-  Writes <workdir>/<folder>/ckpt_<N>/: samples.npz (samples, labels; for completions also the
+  Writes <workdir>/<folder>/ckpt_<N>_<task and settings>/ (e.g. ckpt_3_sample_cfg_w1,
+  ckpt_3_inpaint_center): samples.npz (samples, labels; for completions also the
   inputs and truth), sample.png (one row per class; or masked input / completion / truth rows)
   and sampling.json (settings, snapshot, NFE, seconds, and the MSE to the truth over the missing
   entries of completions). Returns that summary."""
@@ -447,7 +454,7 @@ def sample(config, workdir: str, folder: str = 'samples_mode') -> Dict[str, Any]
     classifier = load_classifier(config, cls_config, run.mesh) if cls_config is not None else None
     task, guidance = str(s.task), str(s.guidance)
     k = num_guidance_classes(config, cls_config) if guidance != 'none' else 0
-    out = outputs.fresh_outputs(os.path.join(out_root, f'ckpt_{ckpt}'),
+    out = outputs.fresh_outputs(os.path.join(out_root, f'ckpt_{ckpt}_{_output_name(s)}'),
                                 {'step': step, 'seed': config.seed, 'batch_size': e.batch_size,
                                  'num_samples': e.num_samples, 'sampling': s.to_dict()}, run.is_main)
     start = time.time()
@@ -455,9 +462,11 @@ def sample(config, workdir: str, folder: str = 'samples_mode') -> Dict[str, Any]
       result, rows = _sample_task(run, state, classifier, k)
     else:
       result, rows = _completion_task(run, state, classifier, k)
-    summary = {'ckpt': ckpt, 'step': step, 'task': task, 'guidance': guidance,
-               'guidance_scale': float(s.guidance_scale), 'seed': config.seed,
-               'sampling': s.to_dict(), 'seconds': time.time() - start, 'outputs': out,
+    # The keys of run_lib.sample's summary (main.py prints them), then the task's.
+    summary = {'ckpt': ckpt, 'step': step, 'num_samples': len(result['samples']),
+               'batch_size': int(e.batch_size), 'seed': config.seed, 'sampling': s.to_dict(),
+               'seconds': time.time() - start, 'outputs': out, 'task': task,
+               'guidance': guidance, 'guidance_scale': float(s.guidance_scale),
                **{key: v for key, v in result.items() if np.ndim(v) == 0}}
     if run.is_main:
       outputs.save_npz(os.path.join(out, 'samples.npz'),

@@ -75,6 +75,8 @@ def test_sample_mode_with_cfg_on_a_trained_toy_network(tmp_path):
     config.sampling.guidance_scale, config.sampling.labels = w, spec
     result = run_lib.sample(config, str(tmp_path))  # hands the guided task over
     assert result['nfe_per_sample'] == 50 and result['guidance'] == 'cfg'
+    # What main.py prints of run_lib.sample's summary is there too.
+    assert {'num_samples', 'ckpt', 'step', 'seconds', 'outputs'} <= set(result)
     assert os.path.exists(os.path.join(result['outputs'], 'sample.png'))
     with np.load(os.path.join(result['outputs'], 'samples.npz')) as f:
       x, labels = f['samples'], f['labels']
