@@ -29,7 +29,17 @@ import sampling
 import training
 from registry import Registry
 
-EVALUATORS: Registry[type] = Registry('evaluator')
+# Modules outside this one that register evaluators; the registry imports them on first use.
+_EVALUATOR_MODULES = ('controllable_run',)
+
+
+def _import_all() -> None:
+  import importlib
+  for module in _EVALUATOR_MODULES:
+    importlib.import_module(module)
+
+
+EVALUATORS: Registry[type] = Registry('evaluator', on_miss=_import_all)
 
 
 class Evaluator:

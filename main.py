@@ -102,7 +102,8 @@ def main(argv):
   elif FLAGS.mode == 'sample':
     s = run_lib.sample(FLAGS.config, FLAGS.workdir)
     print(f'sample: {s["num_samples"]} samples of snapshot {s["ckpt"]} (step {s["step"]}), '
-          f'{s["nfe_per_sample"]:.0f} NFE each, {s["seconds"]:.0f} s -> {s["outputs"]}')
+          f'{s["nfe_per_sample"]:.0f} NFE each, {s["seconds"]:.0f} s -> {s["outputs"]}'
+          + (f', MSE to the truth {s["mse"]:.4f}' if 'mse' in s else ''))
   elif FLAGS.mode == 'stats':
     import evaluation
     path, stats = evaluation.reference_stats(FLAGS.config, FLAGS.workdir)

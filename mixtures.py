@@ -96,6 +96,21 @@ class GaussianMixture:
     s = jnp.sum(resp[..., None] * (means - xf[:, None]) / var, axis=1)
     return s.reshape(x.shape)
 
+  def log_posterior(self, x: Array, a: Optional[Array] = None, std: Optional[Array] = None) -> Array:
+    """log p(k | x) [B, K], the component posteriors; with (a, std), those of the noisy x under p_t
+    (the exact noise-conditional classifier of classifier guidance)."""
+    return jax.nn.log_softmax(self._log_joint(*self._components(x, a, std)), axis=-1)
+
+  def component_score(self, x: Array, k: Array, a: Optional[Array] = None,
+                      std: Optional[Array] = None) -> Array:
+    """grad_x log N_k(x) of each example's component k [B] (with (a, std): of p_t(x | k)), the
+    exact class-conditional score."""
+    xf, means, var = self._components(x, a, std)
+    idx = jnp.asarray(k, jnp.int32)[:, None, None]
+    pick = lambda v: jnp.take_along_axis(jnp.broadcast_to(v, (xf.shape[0],) + v.shape[1:]), idx,
+                                         axis=1)[:, 0]
+    return ((pick(means) - xf) / pick(var)).reshape(x.shape)
+
 
 def score_fn(gmm: GaussianMixture, sde: sde_lib.SDE) -> Callable[[Array, Array], Array]:
   """The exact score_fn(x, t) of the mixture's perturbed marginals under `sde`."""
@@ -113,6 +128,28 @@ def log_prob_fn(gmm: GaussianMixture, sde: sde_lib.SDE) -> Callable[[Array, Arra
   def fn(x, t):
     a, std = sde.marginal_coeffs(t)
     return gmm.log_prob(x, a, std)
+
+  return fn
+
+
+def log_posterior_fn(gmm: GaussianMixture, sde: sde_lib.SDE) -> Callable[[Array, Array], Array]:
+  """The exact noisy-data classifier log p_t(k | x) [B, K] of the mixture's components."""
+
+  def fn(x, t):
+    a, std = sde.marginal_coeffs(t)
+    return gmm.log_posterior(x, a, std)
+
+  return fn
+
+
+def component_score_fn(gmm: GaussianMixture, sde: sde_lib.SDE,
+                       labels: Array) -> Callable[[Array, Array], Array]:
+  """The exact class-conditional score_fn(x, t) of p_t(x | k), k = labels [B] (or one int)."""
+
+  def fn(x, t):
+    a, std = sde.marginal_coeffs(t)
+    k = jnp.broadcast_to(jnp.asarray(labels, jnp.int32), (x.shape[0],))
+    return gmm.component_score(x, k, a, std)
 
   return fn
 

@@ -57,24 +57,34 @@ def save_samples(samples: np.ndarray, directory: str, name: str = 'sample') -> s
   os.makedirs(directory, exist_ok=True)
   samples = np.asarray(samples)
   np.savez_compressed(os.path.join(directory, f'{name}.npz'), samples=samples)
-  if samples.ndim == 4:  # [B, H, W, C] images in [0, 1]
-    b, h, w, c = samples.shape
-    cols = int(np.ceil(np.sqrt(b)))
-    rows = int(np.ceil(b / cols))
-    grid = np.ones((rows * (h + 2) + 2, cols * (w + 2) + 2, c), np.float32)
-    for i, img in enumerate(np.clip(samples, 0, 1)):
-      r, col = divmod(i, cols)
-      grid[2 + r * (h + 2): 2 + r * (h + 2) + h, 2 + col * (w + 2): 2 + col * (w + 2) + w] = img
-    scale = max(1, 256 // grid.shape[0])
-    grid = np.kron(grid, np.ones((scale, scale, 1)))
-    image = Image.fromarray((grid[..., 0] if c == 1 else grid).__mul__(255).round().astype(np.uint8))
-  else:  # points: the first two coordinates as a 2-D histogram
-    pts = samples.reshape(len(samples), -1)[:, :2]
-    lim = np.abs(pts).max() * 1.05 + 1e-6
-    hist, _, _ = np.histogram2d(pts[:, 1], pts[:, 0], bins=256, range=[[-lim, lim], [-lim, lim]])
-    image = Image.fromarray((255 * (1 - hist[::-1] / max(hist.max(), 1))).astype(np.uint8))
   path = os.path.join(directory, f'{name}.png')
-  image.save(path)
+  if samples.ndim == 4:  # [B, H, W, C] images in [0, 1], in a square grid
+    cols = int(np.ceil(np.sqrt(len(samples))))
+    rows = np.ones((int(np.ceil(len(samples) / cols)) * cols,) + samples.shape[1:], np.float32)
+    rows[:len(samples)] = samples
+    return save_grid(rows.reshape((-1, cols) + samples.shape[1:]), path)
+  # points: the first two coordinates as a 2-D histogram
+  pts = samples.reshape(len(samples), -1)[:, :2]
+  lim = np.abs(pts).max() * 1.05 + 1e-6
+  hist, _, _ = np.histogram2d(pts[:, 1], pts[:, 0], bins=256, range=[[-lim, lim], [-lim, lim]])
+  Image.fromarray((255 * (1 - hist[::-1] / max(hist.max(), 1))).astype(np.uint8)).save(path)
+  return path
+
+
+def save_grid(rows: np.ndarray, path: str) -> str:
+  """Writes images [R, C, H, W, ch] in [0, 1] as one PNG grid of R rows of C images, 2 px white
+  borders, upscaled to about 256 px high."""
+  from PIL import Image
+  rows = np.clip(np.asarray(rows, np.float32), 0., 1.)
+  r, c, h, w, ch = rows.shape
+  grid = np.ones((r * (h + 2) + 2, c * (w + 2) + 2, ch), np.float32)
+  for i in range(r):
+    for j in range(c):
+      grid[2 + i * (h + 2):2 + i * (h + 2) + h, 2 + j * (w + 2):2 + j * (w + 2) + w] = rows[i, j]
+  scale = max(1, 256 // grid.shape[0])
+  grid = np.kron(grid, np.ones((scale, scale, 1)))
+  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+  Image.fromarray((255 * (grid[..., 0] if ch == 1 else grid)).round().astype(np.uint8)).save(path)
   return path
 
 

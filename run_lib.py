@@ -14,6 +14,7 @@ import numpy as np
 from absl import logging
 
 import checkpointing
+import controllable_run
 import datasets
 import evaluators as evaluators_lib
 import outputs
@@ -400,7 +401,10 @@ def sample(config, workdir: str, folder: str = 'samples_mode') -> Dict[str, Any]
   the first missing batch; outputs of other settings are moved aside), then samples.npz (all,
   in [0, 1] for images), sample.png (a grid of the first 64) and sampling.json (the settings,
   snapshot, step, NFE per sample and seconds). Returns the summary that sampling.json holds.
-  Raises FileNotFoundError naming the snapshots that exist when the asked one does not."""
+  Raises FileNotFoundError naming the snapshots that exist when the asked one does not.
+  Controllable tasks (config.sampling.task / guidance) go to controllable_run.sample."""
+  if controllable_run.handles(config):
+    return controllable_run.sample(config, workdir, folder)
   check_config(config)
   workdir = _check_workdir(workdir)
   out_root = os.path.join(workdir, folder)

@@ -23,6 +23,8 @@ def get_default_configs() -> ml_collections.ConfigDict:
   training.reduce_mean = False
   training.importance_sampling = False  # new: sample t from r(t) ~ lambda(t) / sigma_t^2
   training.max_to_keep = 3  # new: checkpoints kept by the checkpoint manager
+  training.objective = 'score'  # new: 'score', or 'classifier' (noise-conditional classifier)
+  training.label_dropout = 0.  # new: null-label rate of class-conditional training (CFG)
 
   # sampling
   config.sampling = sampling = ml_collections.ConfigDict()
@@ -42,6 +44,14 @@ def get_default_configs() -> ml_collections.ConfigDict:
   sampling.n_steps = 20
   sampling.schedule = 'logsnr'
   sampling.eta = config_dict.placeholder(float)
+  # new: controllable generation (controllable_generation.py; the sample mode and evaluators)
+  sampling.task = 'sample'  # 'sample', 'inpaint' or 'colorize' (test-split images)
+  sampling.mask = 'left_half'  # inpainting: the region to fill, see inpainting_mask
+  sampling.guidance = 'none'  # 'none', 'classifier' or 'cfg' (classifier-free)
+  sampling.guidance_scale = 1.  # classifier scale, or the CFG strength w (>= 0)
+  sampling.labels = 'all'  # class ids ('3', '1,4,7') or 'all' (a class-balanced batch)
+  sampling.classifier_config = ''  # classifier guidance: the classifier's config file
+  sampling.classifier_workdir = ''  # ... and its training workdir (its latest snapshot)
 
   # evaluation
   config.eval = evaluate = ml_collections.ConfigDict()
@@ -85,6 +95,7 @@ def get_default_configs() -> ml_collections.ConfigDict:
   model.dropout = 0.1
   model.embedding_type = 'fourier'
   model.dtype = 'float32'  # new: 'bfloat16' computes the network in bf16 (params stay f32)
+  model.num_classes = 0  # new: > 0 makes NCSN++ / DDPM++ / DDPM class-conditional
 
   # optimization
   config.optim = optim = ml_collections.ConfigDict()

@@ -153,3 +153,32 @@ def ncsn_family(config: ConfigDict, name: str, num_scales: int, snr: float, n_st
   optim.warmup = 0
   optim.grad_clip = -1.  # no clipping
   return config
+
+
+def class_conditional(config: ConfigDict, num_classes: int, label_dropout: float = 0.1,
+                      guidance_scale: float = 1.) -> ConfigDict:
+  """A class-conditional score network trained with label dropout (classifier-free guidance,
+  Ho & Salimans 2022: p_uncond 0.1), sampled with CFG strength `guidance_scale`."""
+  config.model.num_classes = num_classes
+  config.training.label_dropout = label_dropout
+  config.sampling.guidance = 'cfg'
+  config.sampling.guidance_scale = guidance_scale
+  return config
+
+
+def noise_classifier(config: ConfigDict, num_classes: int, blocks_per_group: int = 4,
+                     channel_multiplier: int = 10) -> ConfigDict:
+  """A noise-conditional Wide-ResNet classifier p_t(y | x) trained on perturbed data at random t
+  (the classifier of classifier guidance; the original's: WRN-28-10). Training only: no
+  snapshot samples, no sampling or bits/dim at evaluation (the eval loss is its cross-entropy)."""
+  config.training.objective = 'classifier'
+  config.training.snapshot_sampling = False
+  config.eval.enable_sampling = False
+  config.eval.enable_bpd = False
+  config.eval.enable_loss = True
+  model = config.model
+  model.name = 'wideresnet'
+  model.num_classes = num_classes
+  model.blocks_per_group = blocks_per_group
+  model.channel_multiplier = channel_multiplier
+  return config

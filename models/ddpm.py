@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import functools
+from typing import Optional
 
 import flax.linen as nn
 import jax
@@ -22,11 +23,15 @@ def check_ddpm_options(config) -> None:
 
 @register_model(name='ddpm')
 class DDPM(nn.Module):
-  """DDPM U-Net: (x [B,H,W,C], labels [B] time steps or noise-level indices) -> [B,H,W,C]."""
+  """DDPM U-Net: (x [B,H,W,C], labels [B] time steps or noise-level indices) -> [B,H,W,C].
+
+  Class-conditional with model.num_classes > 0 (`class_labels` [B], None: the null label), as
+  NCSN++."""
   config: ml_collections.ConfigDict
 
   @nn.compact
-  def __call__(self, x: jax.Array, labels: jax.Array, train: bool = False) -> jax.Array:
+  def __call__(self, x: jax.Array, labels: jax.Array, train: bool = False,
+               class_labels: Optional[jax.Array] = None) -> jax.Array:
     config = self.config
     check_ddpm_options(config)
     m = config.model
@@ -43,6 +48,7 @@ class DDPM(nn.Module):
       temb = nn.Dense(nf * 4, kernel_init=layers.default_init())(act(temb)).astype(dtype)
     else:
       temb = None  # unconditional: the net must infer the noise level from x (as NCSNv2)
+    temb = layers.add_class_embedding(config, temb, class_labels, x.shape[0])
 
     ResnetBlock = functools.partial(layers.ResnetBlockDDPM, act=act, dropout=m.dropout, dtype=dtype)
     AttnBlock = functools.partial(layers.AttnBlock, dtype=dtype)

@@ -159,6 +159,50 @@ def get_timestep_embedding(timesteps: Array, embedding_dim: int, max_positions: 
   return emb
 
 
+def num_classes(config) -> int:
+  """Classes of a class-conditional score network (config.model.num_classes; 0: unconditional)."""
+  n = config.model.get('num_classes', 0)
+  if isinstance(n, bool) or int(n) != n or n < 0:
+    raise ValueError(f'model.num_classes must be a non-negative integer (0: unconditional), got {n!r}.')
+  return int(n)
+
+
+class ClassEmbedding(nn.Module):
+  """Embedding [B, features] of class labels [B] in {0..num_classes}; label num_classes is the null
+  label (no class), learned like the others, so one network gives conditional and unconditional
+  scores (classifier-free guidance, Ho & Salimans 2022)."""
+  num_classes: int
+  features: int
+
+  @nn.compact
+  def __call__(self, class_labels: Optional[Array], batch_size: int) -> Array:
+    table = self.param('embedding', lambda key, shape: flat_normal(key, shape),
+                       (self.num_classes + 1, self.features))
+    if class_labels is None:
+      class_labels = jnp.full((batch_size,), self.num_classes, jnp.int32)
+    if class_labels.shape != (batch_size,):
+      raise ValueError(f'class_labels must be [B] with B = {batch_size}, got shape {class_labels.shape}.')
+    return table[class_labels.astype(jnp.int32)]
+
+
+def add_class_embedding(config, temb: Optional[Array], class_labels: Optional[Array],
+                        batch_size: int) -> Optional[Array]:
+  """temb + the class embedding when config.model.num_classes > 0 (class_labels None: the null
+  label); temb unchanged for an unconditional network, which refuses class labels. Call inside a
+  compact method (the embedding's parameters belong to the calling network)."""
+  n = num_classes(config)
+  if n == 0:
+    if class_labels is not None:
+      raise ValueError('This network is not class-conditional (model.num_classes = 0) but got '
+                       'class labels; set model.num_classes to train a conditional one.')
+    return temb
+  if temb is None:
+    raise ValueError(f'model.num_classes = {n} adds the class embedding to the noise embedding, '
+                     'which model.conditional = False turns off; set model.conditional = True.')
+  return temb + ClassEmbedding(n, temb.shape[-1], name='class_embedding')(
+      class_labels, batch_size).astype(temb.dtype)
+
+
 class NIN(nn.Module):
   """Network-in-network: a per-pixel dense layer (1x1 convolution) with DDPM init."""
   num_units: int

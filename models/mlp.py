@@ -7,6 +7,8 @@ output by sigma (`model.scale_by_sigma`), so every SDE and loss of the library t
 """
 from __future__ import annotations
 
+from typing import Optional
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -45,11 +47,13 @@ class MLP(nn.Module):
 
   Width model.nf, model.num_layers residual blocks h += W3 drop(act(W1 act(h) + W2 act(temb))),
   an output layer initialized at scale model.init_scale (near zero by default, as the U-Nets).
+  Class-conditional with model.num_classes > 0, as NCSN++ (`class_labels` [B], None: null label).
   """
   config: ml_collections.ConfigDict
 
   @nn.compact
-  def __call__(self, x: Array, labels: Array, train: bool = False) -> Array:
+  def __call__(self, x: Array, labels: Array, train: bool = False,
+               class_labels: Optional[Array] = None) -> Array:
     config = self.config
     m = config.model
     check_mlp_options(config)
@@ -61,6 +65,7 @@ class MLP(nn.Module):
     dense = lambda n, scale=1.: nn.Dense(n, dtype=dtype, kernel_init=layers.default_init(scale))
 
     temb, used_sigmas = noise_embedding(config, labels, act, conditional=True)
+    temb = layers.add_class_embedding(config, temb, class_labels, x.shape[0])
     if m.get('scale_by_sigma', False):
       # VE inputs grow to ~sigma_max; feed x / sqrt(1 + sigma^2) so the first layer sees O(1)
       # values at every noise level (the U-Nets do not; a small MLP trains far better with it).

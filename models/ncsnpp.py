@@ -9,6 +9,7 @@ one to one.
 from __future__ import annotations
 
 import functools
+from typing import Optional
 
 import flax.linen as nn
 import jax
@@ -66,11 +67,15 @@ def noise_embedding(config, labels: jax.Array, act, conditional: bool):
 
 @register_model(name='ncsnpp')
 class NCSNpp(nn.Module):
-  """NCSN++ / DDPM++ U-Net: (x [B,H,W,C], labels [B]) -> score or noise estimate [B,H,W,C]."""
+  """NCSN++ / DDPM++ U-Net: (x [B,H,W,C], labels [B]) -> score or noise estimate [B,H,W,C].
+
+  With model.num_classes = K > 0 it is class-conditional: `class_labels` [B] in {0..K} (K, or
+  None, is the null label) add a class embedding to the noise embedding."""
   config: ml_collections.ConfigDict
 
   @nn.compact
-  def __call__(self, x: jax.Array, labels: jax.Array, train: bool = False) -> jax.Array:
+  def __call__(self, x: jax.Array, labels: jax.Array, train: bool = False,
+               class_labels: Optional[jax.Array] = None) -> jax.Array:
     config = self.config
     check_ncsnpp_options(config)
     m = config.model
@@ -90,6 +95,7 @@ class NCSNpp(nn.Module):
     channels = x.shape[-1]
 
     temb, used_sigmas = noise_embedding(config, labels, act, conditional)
+    temb = layers.add_class_embedding(config, temb, class_labels, x.shape[0])
     if temb is not None:
       temb = temb.astype(dtype)
 

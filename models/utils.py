@@ -104,29 +104,39 @@ def init_model(rng: jax.Array, config, batch_size: int = 1) -> Tuple[nn.Module, 
 
 
 def get_model_fn(model: nn.Module, params, model_state=None, *, train: bool = False,
-                 rng: Optional[jax.Array] = None) -> Callable[[jax.Array, jax.Array], jax.Array]:
-  """A function (x, labels) -> network output for fixed parameters; dropout only when training."""
+                 rng: Optional[jax.Array] = None, class_labels: Optional[jax.Array] = None
+                 ) -> Callable[[jax.Array, jax.Array], jax.Array]:
+  """A function (x, labels) -> network output for fixed parameters; dropout only when training.
+
+  `class_labels` [B] condition a class-conditional network (model.num_classes > 0); None leaves
+  it unconditional (the null label)."""
   variables = {'params': params, **(model_state or {})}
+  # Only class-conditional networks take the keyword: the others keep their plain signature.
+  extra = {} if class_labels is None else {'class_labels': class_labels}
 
   def model_fn(x, labels):
     rngs = {'dropout': rng} if (train and rng is not None) else {}
-    return model.apply(variables, x, labels, train=train, rngs=rngs)
+    return model.apply(variables, x, labels, train=train, rngs=rngs, **extra)
 
   return model_fn
 
 
 def get_score_fn(sde: sde_lib.SDE, model: nn.Module, params, model_state=None, *,
-                 train: bool = False, continuous: bool = False,
-                 rng: Optional[jax.Array] = None) -> Callable[[jax.Array, jax.Array], jax.Array]:
+                 train: bool = False, continuous: bool = False, rng: Optional[jax.Array] = None,
+                 class_labels: Optional[jax.Array] = None
+                 ) -> Callable[[jax.Array, jax.Array], jax.Array]:
   """Turns a network into score_fn(x, t) with t in continuous time (0, T], x: [B, ...], t: [B].
 
   The SDE owns the parametrization: the network sees `sde.network_labels(t, continuous)` (VP /
   sub-VP: t * 999, or the DDPM step index when discrete; VE: sigma_t, or the index of the
   descending SMLD levels when discrete) and its output becomes a score through
   `sde.score_from_output` (noise prediction: -output / sigma; VE networks output the score).
-  Raises ValueError (before tracing) when x and t disagree on the batch size.
+  `class_labels` [B] give a class-conditional network's score of p_t(x | y); None its
+  unconditional score (the null label). Raises ValueError (before tracing) when x and t disagree
+  on the batch size.
   """
-  model_fn = get_model_fn(model, params, model_state, train=train, rng=rng)
+  model_fn = get_model_fn(model, params, model_state, train=train, rng=rng,
+                          class_labels=class_labels)
 
   def score_fn(x, t):
     _check_batch(x, t)
@@ -141,3 +151,27 @@ def _check_batch(x: jax.Array, t: jax.Array) -> None:
   if jnp.ndim(t) != 1 or t.shape[0] != x.shape[0]:
     raise ValueError(f'x and t must share the batch size: x has shape {tuple(x.shape)}, '
                      f't has shape {tuple(jnp.shape(t))}; t must be [B] with B = {x.shape[0]}.')
+
+
+def classifier_noise_labels(sde: sde_lib.SDE, t: jax.Array) -> jax.Array:
+  """The noise-conditional classifier's input label at time t [B]: sigma_t / alpha_t =
+  exp(-lambda_t), the VE-equivalent noise level (sigma_t itself for the VE SDE, as the original's
+  classifier saw), positive and increasing in t for every SDE."""
+  return jnp.exp(-sde.log_snr(t))
+
+
+def get_class_log_prob_fn(sde: sde_lib.SDE, model: nn.Module, params, model_state=None, *,
+                    train: bool = False, rng: Optional[jax.Array] = None
+                    ) -> Callable[[jax.Array, jax.Array], jax.Array]:
+  """Turns a noise-conditional classifier (logits out, e.g. 'wideresnet') into
+  log_prob_fn(x, t) -> [B, K]: log p_t(y | x) of noisy inputs x [B, ...] at times t [B].
+
+  The classifier sees `classifier_noise_labels(sde, t)`. Each example's output depends only on
+  that example (per-example normalisation), which classifier guidance relies on."""
+  model_fn = get_model_fn(model, params, model_state, train=train, rng=rng)
+
+  def log_prob_fn(x, t):
+    _check_batch(x, t)
+    return jax.nn.log_softmax(model_fn(x, classifier_noise_labels(sde, t)), axis=-1)
+
+  return log_prob_fn

@@ -1,0 +1,1 @@
+"""Noise-conditional classifiers of classifier guidance (training.objective = 'classifier')."""
