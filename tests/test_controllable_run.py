@@ -116,7 +116,7 @@ def test_digits_evaluators_write_metrics_and_grids(tmp_path):
   fn = controllable_run.get_completion_fn(config, run.sde, run.model, run.scaler, run.inverse_scaler,
                                           run.eps, task='inpaint', guidance='none')
   x, nfe = fn(jax.random.PRNGKey(0), run.state.ema_params, images, mask, np.zeros(4, np.int32), 0.)
-  assert int(nfe) == 25
+  assert int(nfe) == 25 * 2  # 25 PC steps: reverse diffusion + one Langevin step (the config's)
   known = np.broadcast_to(mask, images.shape) > 0
   np.testing.assert_allclose(np.asarray(x)[known], images[known], atol=1e-6)
   # The sample mode's inpainting task writes the three rows and the error.
