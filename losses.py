@@ -98,21 +98,22 @@ def _ema_rate(config) -> float:
 
 def init_train_state(rng: Array, config, mesh: Optional[jax.sharding.Mesh] = None
                      ) -> Tuple[Any, TrainState]:
-  """Builds the network and its initial state; with a `mesh`, the state is replicated on it."""
+  """Builds the network and its initial state; with a `mesh`, the state is replicated on it.
+
+  Memory: the parameters come from `mutils.init_model` (no forward pass, no whole-network
+  program to compile); the optimizer state and the EMA copy are made op by op; one small jitted
+  identity places the state on the mesh."""
   optimizer = get_optimizer(config)  # validates optim.* before any compilation
   _ema_rate(config)
-  model = mutils.create_model(config)
-
-  def init(rng):
-    params_rng, state_rng = jax.random.split(rng)
-    _, params, model_state = mutils.init_model(params_rng, config)
-    return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=optimizer.init(params),
-                      ema_params=params, model_state=model_state, rng=state_rng)
-
-  # Initializing inside jit with a replicated output places the state on every device of every
-  # host without a host-to-device copy of the parameters.
-  out = parallel.replicated(mesh) if mesh is not None else None
-  return model, jax.jit(init, out_shardings=out)(rng)
+  params_rng, state_rng = jax.random.split(rng)
+  model, params, model_state = mutils.init_model(params_rng, config)
+  state = TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=optimizer.init(params),
+                     ema_params=jax.tree_util.tree_map(jnp.copy, params),  # own buffers: the
+                     model_state=model_state, rng=state_rng)  # train step donates the state
+  if mesh is None:
+    return model, state
+  # A jitted identity with a replicated output places the state on every device of every host.
+  return model, jax.jit(lambda s: s, out_shardings=parallel.replicated(mesh))(state)
 
 
 # ------------------------------------------------------------------------------------------------
