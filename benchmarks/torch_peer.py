@@ -6,10 +6,13 @@ checkout of github.com/yang-song/score_sde_pytorch (SCORE_SDE_PYTORCH_DIR) whose
 extensions are stubbed (their CPU branches are used), and talks to it over stdin / stdout with
 the protocol of `benchmarks/pair_worker.py` (one JSON line per request).
 
-    $SCORE_SDE_TORCH_PYTHON benchmarks/torch_peer.py CONFIG NF BATCH THREADS
+    $SCORE_SDE_TORCH_PYTHON benchmarks/torch_peer.py KIND CONFIG NF BATCH THREADS
 
-The step is the original's own: `losses.get_step_fn` (loss, backward, warmup, gradient clipping,
-Adam) followed by its EMA update, as in its run_lib.train, on a synthetic batch already in memory.
+KIND 'step': the original's train step, `losses.get_step_fn` (loss, backward, warmup, gradient
+clipping, Adam, EMA update, as its run_lib.train) on a synthetic batch already in memory.
+KIND 'forward': one evaluation of the probability-flow drift (its ODE sampler's work per NFE).
+KIND 'likelihood': its likelihood's work per NFE: the drift, and the Hutchinson divergence
+(`likelihood.get_div_fn`: another forward and a backward), with one Rademacher probe.
 """
 from __future__ import annotations
 
@@ -28,8 +31,8 @@ sys.path.insert(1, HERE)  # pair_worker only: it imports nothing from the projec
 import pair_worker  # noqa: E402
 
 
-def make_step(config_name: str, nf: int, batch: int, threads: int):
-  """Builds the original's model, optimizer, EMA and step; returns a no-argument step."""
+def make_step(kind: str, config_name: str, nf: int, batch: int, threads: int):
+  """Builds the original's model (optimizer, EMA); returns a no-argument call of KIND's work."""
   import torch
   torch.set_num_threads(threads)
   import losses
@@ -60,16 +63,35 @@ def make_step(config_name: str, nf: int, batch: int, threads: int):
   shape = (batch, config.data.num_channels, config.data.image_size, config.data.image_size)
   data = torch.rand(shape) * 2. - 1.
   n_params = sum(p.numel() for p in model.parameters())
+  info = dict(params=n_params, impl='original (torch %s)' % torch.__version__)
 
-  def step():
-    return float(step_fn(state, data).detach())
+  if kind == 'step':
+    return lambda: float(step_fn(state, data).detach()), info
+  import likelihood
+  model.eval()
+  score_fn = mutils.get_score_fn(sde, model, train=False, continuous=True)
+  drift_fn = lambda x, t: sde.reverse(score_fn, probability_flow=True).sde(x, t)[0]
+  t = torch.rand(batch) * (sde.T - 1e-3) + 1e-3
+  probe = torch.randint(0, 2, shape).float() * 2. - 1.
+  if kind == 'forward':
+    def forward():
+      with torch.no_grad():
+        return float(drift_fn(data, t).abs().mean())
+    return forward, info
 
-  return step, dict(params=n_params, impl='original (torch %s)' % torch.__version__)
+  div_fn = likelihood.get_div_fn(drift_fn)
+
+  def likelihood_nfe():  # as the original's ode_func: drift and divergence, separately
+    with torch.no_grad():
+      drift = drift_fn(data, t)
+    return float(drift.abs().mean() + div_fn(data, t, probe).sum())
+
+  return likelihood_nfe, info
 
 
 if __name__ == '__main__':
-  name, nf, batch, threads = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
+  kind, name, nf, batch, threads = sys.argv[1:3] + [int(a) for a in sys.argv[3:6]]
   t0 = time.perf_counter()
-  step, info = make_step(name, nf, batch, threads)
+  step, info = make_step(kind, name, nf, batch, threads)
   info['setup_s'] = time.perf_counter() - t0
   pair_worker.serve(step, info)

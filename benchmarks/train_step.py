@@ -12,8 +12,8 @@ Each (config, n_jitted_steps) runs in its own subprocess, so that compile time a
 memory (resource.getrusage ru_maxrss) belong to that configuration alone. The step is the library's
 `losses.get_step_fn` on all local devices, fed synthetic data of the config's shape that is
 already on the device (this measures the step, not the input pipeline: see input_pipeline.py).
-Compile time is lowering + XLA compilation of the fused step; steps/s counts optimizer steps
-(n_jitted_steps per call). Prints a table; no assertions.
+Compile time is the library's first call of the step (tracing, lowering, XLA compilation and
+one step); steps/s counts optimizer steps (n_jitted_steps per call). Prints a table; no assertions.
 
 --pair runs our step and the original PyTorch port's step (benchmarks/torch_peer.py, started with
 the Python named by SCORE_SDE_TORCH_PYTHON on the checkout named by SCORE_SDE_PYTORCH_DIR, whose
@@ -97,16 +97,20 @@ def build(config_name: str, n_jitted: int = 1, batch_size: int = 0, nf: int = 0,
   data = np.random.RandomState(0).uniform(0., 1., shape).astype(np.float32)
   data = {'image': parallel.shard_batch(mesh, data, leading_axes=1)}
 
+  # The library's first call compiles (and returns the memory compiling left behind), then steps.
   t0 = time.perf_counter()
-  compiled = step.jitted.lower(state, data).compile()
+  state, loss = step(state, data)
+  jax.block_until_ready(loss)
   compile_s = time.perf_counter() - t0
+  rss_compile = peak_rss_mb()
+  compiled = step.jitted.lower(state, data).compile()  # cached: for the cost analysis
   info = dict(config=config_name, n_jitted=n_jitted, batch=batch, params=n_params,
               nf=int(config.model.get('nf', 0)), dtype=str(config.model.get('dtype', 'float32')),
               gflops_per_example=xla_flops(compiled) / (n_jitted * batch) / 1e9,
               devices=jax.device_count(), backend=jax.default_backend(), init_s=init_s,
               compile_s=compile_s, setup_s=time.perf_counter() - t_start,
               xla_flags=os.environ.get('XLA_FLAGS', ''), rss_import_mb=rss_import,
-              rss_init_mb=rss_init, rss_compile_mb=peak_rss_mb(), impl='ours (jax %s)' % jax.__version__)
+              rss_init_mb=rss_init, rss_compile_mb=rss_compile, impl='ours (jax %s)' % jax.__version__)
   return compiled, state, data, info
 
 
@@ -132,20 +136,54 @@ def measure(config_name: str, n_jitted: int, seconds: float, batch_size: int = 0
               finite=bool(np.all(np.isfinite(np.asarray(loss)))), peak_rss_mb=peak_rss_mb())
 
 
-def serve(config_name: str, nf: int, batch_size: int) -> None:
-  """Our step as a pair worker (see pair_worker.py): one optimizer step per request step."""
+def serve(kind: str, config_name: str, nf: int, batch_size: int) -> None:
+  """A pair worker (see pair_worker.py) for KIND: 'step' (one optimizer step per call),
+  'forward' (one probability-flow drift evaluation: the ODE sampler's work per NFE) or
+  'likelihood' (drift and Hutchinson divergence, one Rademacher probe: the likelihood's per NFE)."""
   import jax
   import numpy as np
 
   import pair_worker
-  compiled, state, data, info = build(config_name, 1, batch_size, nf)
-  holder = [state]
+  if kind == 'step':
+    compiled, state, data, info = build(config_name, 1, batch_size, nf)
+    holder = [state]
 
-  def step() -> float:
-    holder[0], loss = compiled(holder[0], data)  # the state is donated: keep only the new one
-    return float(np.asarray(jax.device_get(loss))[0])
+    def step() -> float:
+      holder[0], loss = compiled(holder[0], data)  # the state is donated: keep only the new one
+      return float(np.asarray(jax.device_get(loss))[0])
 
-  pair_worker.serve(step, info)
+    pair_worker.serve(step, info)
+    return
+
+  import jax.numpy as jnp
+
+  import losses
+  import sde_lib
+  from models import utils as mutils
+  config = load_config(config_name, batch_size, nf)
+  sde, eps = sde_lib.get_sde(config)
+  model, state = losses.init_train_state(jax.random.PRNGKey(config.seed), config)
+  score_fn = mutils.get_score_fn(sde, model, state.params, state.model_state, train=False,
+                                 continuous=config.training.continuous)
+  flow = sde.reverse(score_fn, probability_flow=True)
+  shape = mutils.input_shape(config, config.training.batch_size)
+  keys = jax.random.split(jax.random.PRNGKey(0), 3)
+  x = jax.random.uniform(keys[0], shape, minval=-1., maxval=1.)
+  t = jax.random.uniform(keys[1], shape[:1], minval=eps, maxval=sde.T)
+  probe = jax.random.rademacher(keys[2], shape, jnp.float32)
+
+  def work(x, t, probe):
+    drift_fn = lambda y: flow.sde(y, t)[0]
+    if kind == 'forward':
+      return jnp.mean(jnp.abs(drift_fn(x)))
+    drift, jvp_fn = jax.linearize(drift_fn, x)  # as likelihood.py: one forward, one JVP
+    return jnp.mean(jnp.abs(drift)) + jnp.sum(probe * jvp_fn(probe))
+
+  t0 = time.perf_counter()
+  compiled = jax.jit(work).lower(x, t, probe).compile()
+  info = dict(config=config_name, nf=nf, batch=config.training.batch_size, compile_s=time.perf_counter() - t0,
+              xla_flags=os.environ.get('XLA_FLAGS', ''), impl='ours (jax %s)' % jax.__version__)
+  pair_worker.serve(lambda: float(compiled(x, t, probe)), info)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -180,17 +218,17 @@ class Worker:
       self.proc.wait(timeout=60)
 
 
-def ours_cmd(config: str, nf: int, batch: int) -> List[str]:
-  return [sys.executable, os.path.abspath(__file__), '--worker', config, str(nf), str(batch)]
+def ours_cmd(kind: str, config: str, nf: int, batch: int) -> List[str]:
+  return [sys.executable, os.path.abspath(__file__), '--worker', kind, config, str(nf), str(batch)]
 
 
-def torch_cmd(config: str, nf: int, batch: int, threads: int) -> Tuple[List[str], dict]:
+def torch_cmd(kind: str, config: str, nf: int, batch: int, threads: int) -> Tuple[List[str], dict]:
   missing = [v for v in TORCH_ENV if not os.environ.get(v)]
   if missing:
     raise SystemExit(f'--pair needs {" and ".join(missing)}: the Python of a virtual environment '
                      f'with torch (+ ml_collections) and a checkout of score_sde_pytorch whose op/ '
                      f'CUDA extensions are stubbed.')
-  cmd = [os.environ['SCORE_SDE_TORCH_PYTHON'], os.path.join(HERE, 'torch_peer.py'), config,
+  cmd = [os.environ['SCORE_SDE_TORCH_PYTHON'], os.path.join(HERE, 'torch_peer.py'), kind, config,
          str(nf), str(batch), str(threads)]
   return cmd, {}
 
@@ -244,11 +282,12 @@ def alternate(a: Worker, b: Worker, rounds: int, round_s: float, idle_s: float) 
     ratios.append(med[a.label] / med[b.label])
     cpu_ratios.append(cpu[a.label] / cpu[b.label])
     print(f'  round {r + 1}/{rounds}: {a.label} {med[a.label] * 1e3:.0f} ms, '
-          f'{b.label} {med[b.label] * 1e3:.0f} ms, ratio {ratios[-1]:.3f}', file=sys.stderr,
-          flush=True)
+          f'{b.label} {med[b.label] * 1e3:.0f} ms, ratio {ratios[-1]:.3f}, CPU time ratio '
+          f'{cpu_ratios[-1]:.3f}', file=sys.stderr, flush=True)
   out = dict(rounds=rounds, ratio_median=statistics.median(ratios),
              ratio_q1=_quantile(ratios, .25), ratio_q3=_quantile(ratios, .75),
-             cpu_ratio_median=statistics.median(cpu_ratios))
+             cpu_ratio_median=statistics.median(cpu_ratios), cpu_ratio_q1=_quantile(cpu_ratios, .25),
+             cpu_ratio_q3=_quantile(cpu_ratios, .75))
   for w in (a, b):
     res = results[w.label]
     times = [t for x in res for t in x['times']]
@@ -271,10 +310,10 @@ def run_pairs(runs, args) -> None:
   for config, nf, batch in runs:
     print(f'# {config} nf={nf} batch={batch}', file=sys.stderr, flush=True)
     if args.pair:
-      sides = [('ours', ours_cmd(config, nf, batch), side_env({}, threads)),
-               ('original',) + _torch_side(config, nf, batch, threads)]
+      sides = [('ours', ours_cmd(args.kind, config, nf, batch), side_env({}, threads)),
+               ('original',) + _torch_side(args.kind, config, nf, batch, threads)]
     else:
-      sides = [(label, ours_cmd(config, nf, batch), side_env(parse_side(spec), threads))
+      sides = [(label, ours_cmd(args.kind, config, nf, batch), side_env(parse_side(spec), threads))
                for label, spec in zip(('A', 'B'), args.ab)]
     workers = []
     try:
@@ -293,22 +332,25 @@ def run_pairs(runs, args) -> None:
     print(f'A: XLA_FLAGS {args.ab[0]!r}\nB: XLA_FLAGS {args.ab[1]!r}')
   print(f'\n{threads} threads each, {args.rounds} alternated rounds of ~{args.round_s:g} s per side')
   header = ('config', 'nf', 'batch', f'{la}/{lb} step time (median, q1-q3)',
-            f'{la}/{lb} CPU time per step', f'{la} img/s',
+            f'{la}/{lb} CPU time per step (median, q1-q3)', f'{la} img/s',
             f'{lb} img/s', f'{la} cores busy', f'{lb} cores busy', f'{la} peak RSS GiB',
             f'{lb} peak RSS GiB', 'RSS ratio')
   print('| ' + ' | '.join(header) + ' |')
   print('|' + '---|' * len(header))
   for config, nf, batch, out, a, b in rows:
     print(f'| {config} | {nf} | {batch} | {out["ratio_median"]:.3f} ({out["ratio_q1"]:.3f}-'
-          f'{out["ratio_q3"]:.3f}) | {out["cpu_ratio_median"]:.3f} | '
+          f'{out["ratio_q3"]:.3f}) | {out["cpu_ratio_median"]:.3f} ({out["cpu_ratio_q1"]:.3f}-'
+          f'{out["cpu_ratio_q3"]:.3f}) | '
           f'{batch / a["median_step_s"]:.2f} | '
           f'{batch / b["median_step_s"]:.2f} | {a["cpu_util"]:.2f} | {b["cpu_util"]:.2f} | '
           f'{a["peak_rss_mb"] / 1024:.2f} | {b["peak_rss_mb"] / 1024:.2f} | '
           f'{a["peak_rss_mb"] / b["peak_rss_mb"]:.2f} |')
+  for config, nf, batch, out, a, b in rows:  # the first call's value, same inputs on both sides
+    print(f'{config} nf {nf}: first {args.kind} value {la} {a["loss"]!r}, {lb} {b["loss"]!r}')
 
 
-def _torch_side(config, nf, batch, threads):
-  cmd, extra = torch_cmd(config, nf, batch, threads)
+def _torch_side(kind, config, nf, batch, threads):
+  cmd, extra = torch_cmd(kind, config, nf, batch, threads)
   return cmd, side_env(extra, threads)
 
 
@@ -329,10 +371,13 @@ def main() -> None:
   parser.add_argument('--idle_s', type=float, default=0.3, help='pause before each side runs')
   parser.add_argument('--threads', type=int, default=0, help='threads per side (default: all CPUs)')
   parser.add_argument('--one', nargs=2, metavar=('CONFIG', 'N_JITTED'), help=argparse.SUPPRESS)
-  parser.add_argument('--worker', nargs=3, metavar=('CONFIG', 'NF', 'BATCH'), help=argparse.SUPPRESS)
+  parser.add_argument('--kind', default='step', choices=['step', 'forward', 'likelihood'],
+                      help="--pair / --ab: the train step, or the sampler's / likelihood's work per NFE")
+  parser.add_argument('--worker', nargs=4, metavar=('KIND', 'CONFIG', 'NF', 'BATCH'),
+                      help=argparse.SUPPRESS)
   args = parser.parse_args()
   if args.worker:
-    serve(args.worker[0], int(args.worker[1]), int(args.worker[2]))
+    serve(args.worker[0], args.worker[1], int(args.worker[2]), int(args.worker[3]))
     return
   if args.one:
     print(json.dumps(measure(args.one[0], int(args.one[1]), args.seconds, args.batch_size,
@@ -368,7 +413,7 @@ def main() -> None:
   print(f'\nbackend {rows[0]["backend"]}, {rows[0]["devices"]} device(s), os.cpu_count() = '
         f'{os.cpu_count()}')
   header = ('config', 'nf', 'n_jit', 'batch', 'params', 'GFLOP/ex', 'init s', 'compile s',
-            'steps/s', 'median ms/step', 'ex/s', 'GFLOP/s', 'peak RSS MB (import/init/compile/end)')
+            'steps/s', 'median ms/step', 'ex/s', 'GFLOP/s', 'peak RSS MB (import/init/1st step/end)')
   print('| ' + ' | '.join(header) + ' |')
   print('|' + '---|' * len(header))
   for r in rows:

@@ -11,6 +11,7 @@ import numpy as np
 
 import sde_lib
 from registry import Registry
+import xla_settings  # noqa: F401  (the library's XLA:CPU defaults, set before JAX starts)
 
 # Modules that register networks on import; the registry imports them on a miss
 # so that importing models.utils stays cheap and free of import cycles.
@@ -70,9 +71,9 @@ def init_model(rng: jax.Array, config, batch_size: int = 1) -> Tuple[nn.Module, 
   The parameters are computed without running the network: `model.init` is traced once (on a
   batch of `batch_size`, abstractly), every operation that does not feed a variable (the forward
   pass) is dropped, and what remains (the initializers' random draws and scalings) runs op by
-  op. That gives the same values as a jitted `model.init` without compiling one program for the
-  whole network, which held ~0.5 GiB of memory at nf = 32 and ~1 GiB at nf = 128 while XLA:CPU
-  compiled it (benchmarks/train_step.py prints the peak RSS after initialization).
+  op. That gives the same values, bit for bit, as a jitted `model.init` without compiling a
+  program for the whole network: compiling it took XLA:CPU ~0.45 GiB of memory at nf = 32
+  (benchmarks/train_step.py prints the peak RSS after initialization).
   """
   model = create_model(config)
   shape = input_shape(config, batch_size)
