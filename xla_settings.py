@@ -1,4 +1,4 @@
-"""The library's XLA:CPU settings: flags measured to speed up its networks on CPUs.
+"""The library's XLA:CPU settings: flags measured to help its networks on CPUs, and memory hygiene.
 
 XLA reads XLA_FLAGS once, when JAX starts its first backend, so these flags are added to the
 environment when this module is imported (the modules that compile networks import it: losses,
@@ -9,22 +9,23 @@ models.utils), and only if no backend has started yet. Rules:
 - flags are added only for the jaxlib versions they were measured on (`MEASURED_JAXLIB`): XLA
   aborts the process on a flag it does not know, and another version's defaults may differ.
 
-The flags (CPU compiler options only: accelerators ignore them) and why, measured on 2 cores of
-an AVX-512 Xeon with `benchmarks/train_step.py --ab` (docs/performance.md has the figures):
+The flag (a CPU compiler option: accelerators ignore it) and why, measured on 2 cores of an
+AVX-512 Xeon with `benchmarks/train_step.py --ab` (docs/performance.md has every figure):
 
-- xla_cpu_experimental_ynn_fusion_type=-individual_convolution: this jaxlib sends convolutions,
-  matmuls and reductions to YNNPACK; its convolution weight gradient at the networks' shapes runs
-  on one core at up to 2.6x the time of XLA's own (Eigen) convolutions. Convolutions go back to
-  Eigen, the rest stays on YNNPACK (its reductions are ~2x faster than XLA's own): faster train
-  steps, ODE sampling and likelihoods on 2 cores, losses unchanged to float round-off.
 - xla_cpu_copy_insertion_use_region_analysis=true: the donated train state is updated in place;
-  without it XLA copies every parameter and optimizer leaf first (~2,000 copies a step at
-  nf = 32). Bit-identical results, ~1% less CPU time, less memory for temporaries.
+  without it XLA first copies parameters and optimizer leaves (2,149 top-level copies a step at
+  nf = 32; 579 -> 115 on the digits DDPM++). Bit-identical results, ~1% less CPU time, less
+  memory for temporaries.
 
-Measured and left out (figures in docs/performance.md): YNNPACK off for reductions (2x slower)
-or entirely, the legacy fusion emitters (xla_cpu_use_fusion_emitters=false: 30% less peak
-memory, 12% slower steps; set it yourself when memory is what limits you), 512-bit vectors,
-the memory- or concurrency-optimised schedulers, oneDNN, XNNPACK graph fusion, fast math.
+Measured and not made defaults: convolutions back from YNNPACK to Eigen
+(xla_cpu_experimental_ynn_fusion_type=-individual_convolution; 1-2% more CPU time on one thread,
+and on two contended cores 9% slower steps, 18% slower forward passes, 33% slower likelihood
+evaluations, whereas an earlier quieter measurement found it 7-27% faster: confirm on a quiet
+machine before adding it here), YNNPACK off for reductions (steps 1.9x slower), the legacy
+fusion emitters (xla_cpu_use_fusion_emitters=false: ~0.4-0.65 GiB less peak memory at nf = 32,
+8-12% slower steps; set it yourself when memory is what limits you), 512-bit vectors (+2.5%,
+within noise), the concurrency-optimised scheduler (no change), Threefry unrolled on CPU (4% less
+CPU time, +0.14 GiB peak memory).
 """
 from __future__ import annotations
 
@@ -33,7 +34,6 @@ import os
 from typing import Dict, MutableMapping, Optional
 
 DEFAULT_FLAGS: Dict[str, str] = {
-    'xla_cpu_experimental_ynn_fusion_type': '-individual_convolution',
     'xla_cpu_copy_insertion_use_region_analysis': 'true',
 }
 MEASURED_JAXLIB = ('0.10.',)  # version prefixes the flags above were measured on
