@@ -121,7 +121,7 @@ def _eval_outputs_only(fn: Callable, *args):
   closed, out_shape = jax.make_jaxpr(fn, return_shape=True)(*args)
   try:  # dead-code elimination of the jaxpr (private API; without it the values are the same)
     from jax._src.interpreters import partial_eval as pe
-    closed = jex_core.ClosedJaxpr(pe.dce_jaxpr(closed.jaxpr, [True] * len(closed.out_avals))[0],
+    closed = jex_core.ClosedJaxpr(pe.dce_jaxpr(closed.jaxpr, True, instantiate=True)[0],
                                   closed.consts)
   except (ImportError, AttributeError, TypeError):
     pass
