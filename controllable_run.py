@@ -187,7 +187,7 @@ def get_guided_sampling_fn(config, sde, model, shape, inverse_scaler, eps, *,
   def sampling_fn(rng, params, labels, scale, model_state=None):
     x, nfe, failed = jitted(rng, params, jnp.asarray(labels, jnp.int32),
                             jnp.asarray(scale, jnp.float32), model_state, cls_params)
-    ode.raise_if_failed(failed, 'guided sampling', solver=s.get('ode_solver', 'tsit5'),
+    ode.raise_if_failed(failed, 'guided sampling', solver=s.get('ode_solver', ode.DEFAULT_SOLVER),
                         rtol=s.get('rtol', 1e-5), atol=s.get('atol', 1e-5), max_steps=4096)
     return x, nfe
 

@@ -26,7 +26,7 @@ ScoreFn = Callable[[Array, Array], Array]
 
 def log_likelihood(rng: Array, sde: sde_lib.SDE, score_fn: ScoreFn, x: Array, *,
                    rtol: float = 1e-5, atol: float = 1e-5, eps: float = 1e-5,
-                   trace: str = 'rademacher', n_probes: int = 1, solver: str = 'tsit5',
+                   trace: str = 'rademacher', n_probes: int = 1, solver: str = ode.DEFAULT_SOLVER,
                    max_steps: int = 4096) -> Tuple[Array, Array, Array]:
   """Per-example log-density (nats) of x [B, ...] under the probability-flow ODE model.
 
@@ -90,7 +90,7 @@ def get_likelihood_fn(config, sde: sde_lib.SDE, model, inverse_scaler=None, *,
   del inverse_scaler  # the offset needs the forward scaler's slope only
   from models import utils as mutils
   rtol, atol = config.eval.get('rtol', 1e-5), config.eval.get('atol', 1e-5)
-  solver, max_steps = config.eval.get('ode_solver', 'tsit5'), 4096
+  solver, max_steps = config.eval.get('ode_solver', ode.DEFAULT_SOLVER), 4096
   eps, rtol, atol, max_steps = ode.check_likelihood_args(
       sde, np.zeros((1, 1)), rtol=rtol, atol=atol, eps=eps, trace=trace, n_probes=n_probes,
       solver=solver, max_steps=max_steps)

@@ -38,6 +38,11 @@ ODE_SOLVERS.register((diffrax.Tsit5, 6), name='tsit5')
 ODE_SOLVERS.register((diffrax.Dopri5, 6), name='dopri5')
 ODE_SOLVERS.register((diffrax.Dopri8, 13), name='dopri8')
 ODE_SOLVERS.register((diffrax.Bosh3, 3), name='bosh3')
+# The default (the original's RK45 is also Dormand-Prince 5(4)): on the main job's trained digits
+# DDPM++ it took fewer evaluations than tsit5 for a smaller error at every tolerance, for sampling
+# (rtol = atol = 1e-3: 67 NFE, RMS error 5.0e-3 against tsit5's 103 NFE, 1.1e-2) and for bits/dim
+# (1e-4: 217 NFE, mean error 2.9e-3 bits/dim against 397 NFE, 7.1e-3); benchmarks/ode_solvers.py.
+DEFAULT_SOLVER = 'dopri5'
 
 TRACE_ESTIMATORS = ('rademacher', 'gaussian', 'exact')
 
@@ -88,7 +93,7 @@ def raise_if_failed(failed, what: str, *, solver: str, rtol: float, atol: float,
 
 
 def solve(vector_field: Callable, y0, t0: float, t1: float, *, rtol: float, atol: float,
-          solver: str = 'tsit5', max_steps: int = 4096):
+          solver: str = DEFAULT_SOLVER, max_steps: int = 4096):
   """Solves dy/dt = vector_field(t, y) from t0 to t1 adaptively (PID): (y1, nfe, failed).
 
   The state may be any pytree; the error norm is the RMS over all of it (global over devices).
@@ -119,7 +124,7 @@ def flow_drift(sde: sde_lib.SDE, score_fn: ScoreFn) -> Callable[[Array, Array], 
 
 def ode_sample(rng: Array, sde: sde_lib.SDE, score_fn: ScoreFn, shape: Sequence[int], *,
                rtol: float = 1e-5, atol: float = 1e-5, eps: float = 1e-3, denoise: bool = False,
-               z: Optional[Array] = None, solver: str = 'tsit5',
+               z: Optional[Array] = None, solver: str = DEFAULT_SOLVER,
                max_steps: int = 4096) -> Tuple[Array, Array]:
   """Samples [B, ...] by solving the probability-flow ODE from T to eps; `z` given decodes it.
 
@@ -151,7 +156,7 @@ def _ode_sample_jit(rng, z, *, sde, score_fn, shape, rtol, atol, eps, denoise, s
 
 
 def ode_encode(sde: sde_lib.SDE, score_fn: ScoreFn, x: Array, *, rtol: float = 1e-5,
-               atol: float = 1e-5, eps: float = 1e-3, solver: str = 'tsit5',
+               atol: float = 1e-5, eps: float = 1e-3, solver: str = DEFAULT_SOLVER,
                max_steps: int = 4096) -> Tuple[Array, Array]:
   """Encodes data x [B, ...] at time eps into its latent z at T: (z, nfe)."""
   check_shape(x.shape)

@@ -322,7 +322,7 @@ def check_sampling_config(config, eps: Optional[float] = None) -> str:
       _check_pc_args(sde, s.predictor, s.corrector, s.snr, s.n_steps_each, eps)
     elif method == 'ode':
       ode._check_solve_args(sde, eps, s.get('rtol', 1e-5), s.get('atol', 1e-5),
-                            s.get('ode_solver', 'tsit5'), 4096)
+                            s.get('ode_solver', ode.DEFAULT_SOLVER), 4096)
     else:
       _check_fast_args(sde, method, s.get('n_steps', 20), s.get('schedule', 'logsnr'), eps,
                        s.get('eta', None), (1, 1), None)
@@ -349,7 +349,7 @@ def get_sampler(config, shape: Sequence[int], eps: float) -> Callable:
       return ode._ode_sample_jit(rng, None, sde=sde, score_fn=score_fn, shape=shape,
                                  rtol=float(s.get('rtol', 1e-5)), atol=float(s.get('atol', 1e-5)),
                                  eps=eps, denoise=bool(s.noise_removal),
-                                 solver=s.get('ode_solver', 'tsit5'), max_steps=4096)
+                                 solver=s.get('ode_solver', ode.DEFAULT_SOLVER), max_steps=4096)
     return ode_sampler
   fast = functools.partial(fast_sample, shape=shape, solver=method, n_steps=s.get('n_steps', 20),
                            schedule=s.get('schedule', 'logsnr'), eps=eps, eta=s.get('eta', None),
@@ -381,7 +381,7 @@ def get_sampling_fn(config, sde: sde_lib.SDE, model, shape: Sequence[int],
 
   def sampling_fn(rng, params, model_state=None):
     x, nfe, failed = jitted(rng, params, model_state)
-    ode.raise_if_failed(failed, 'sampling', solver=s.get('ode_solver', 'tsit5'),
+    ode.raise_if_failed(failed, 'sampling', solver=s.get('ode_solver', ode.DEFAULT_SOLVER),
                         rtol=s.get('rtol', 1e-5), atol=s.get('atol', 1e-5), max_steps=4096)
     return x, nfe
 

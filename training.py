@@ -18,6 +18,7 @@ import optax
 import losses
 import parallel
 from models import utils as mutils
+import xla_settings  # the library's XLA:CPU defaults, set before JAX starts
 
 Array = jax.Array
 
@@ -81,21 +82,26 @@ def _ema_rate(config) -> float:
 
 def init_train_state(rng: Array, config, mesh: Optional[jax.sharding.Mesh] = None
                      ) -> Tuple[Any, TrainState]:
-  """Builds the network and its initial state; with a `mesh`, the state is replicated on it."""
+  """Builds the network and its initial state; with a `mesh`, the state is replicated on it.
+
+  Memory: the parameters come from `mutils.init_model` (no forward pass, no whole-network
+  program to compile); a small jitted program adds the optimizer state and the EMA copy and, with
+  a replicated output, places the state on every device of every host without a host-to-device
+  copy (its parameter input is donated)."""
   optimizer = get_optimizer(config)  # validates optim.* before any compilation
   _ema_rate(config)
-  model = mutils.create_model(config)
+  params_rng, state_rng = jax.random.split(rng)
+  model, params, model_state = mutils.init_model(params_rng, config)
 
-  def init(rng):
-    params_rng, state_rng = jax.random.split(rng)
-    _, params, model_state = mutils.init_model(params_rng, config)
+  def assemble(params, model_state, rng):
     return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=optimizer.init(params),
-                      ema_params=params, model_state=model_state, rng=state_rng)
+                      ema_params=jax.tree_util.tree_map(jnp.copy, params),  # own buffers: the
+                      model_state=model_state, rng=rng)  # train step donates the state
 
-  # Initializing inside jit with a replicated output places the state on every device of every
-  # host without a host-to-device copy of the parameters.
   out = parallel.replicated(mesh) if mesh is not None else None
-  return model, jax.jit(init, out_shardings=out)(rng)
+  state = jax.jit(assemble, out_shardings=out, donate_argnums=0)(params, model_state, state_rng)
+  xla_settings.release_freed_memory()
+  return model, state
 
 
 # ------------------------------------------------------------------------------------------------
@@ -191,8 +197,14 @@ def get_train_step(config, sde, model, optimizer: optax.GradientTransformation, 
   jitted = jax.jit(train_steps, in_shardings=(repl, parallel.batch_sharding(mesh, 1)),
                    out_shardings=(repl, repl), donate_argnums=0)
 
+  compiled = []
+
   def train_step(state, batch):
     _check_batch(batch, mesh, 1)
+    if not compiled:  # compile before the first step runs, and return what compiling left behind
+      jitted.lower(state, batch).compile()  # (jitted reuses this compilation)
+      xla_settings.release_freed_memory()
+      compiled.append(True)
     return jitted(state, batch)
 
   train_step.jitted = jitted

@@ -37,7 +37,7 @@ def get_default_configs() -> ml_collections.ConfigDict:
   sampling.corrector = 'none'
   sampling.rtol = 1e-5  # new: ODE sampler tolerances (the original hard-coded them)
   sampling.atol = 1e-5
-  sampling.ode_solver = 'tsit5'  # new
+  sampling.ode_solver = 'dopri5'  # new (ode.DEFAULT_SOLVER)
   # new: the fast solvers (method = 'ddim', 'heun', 'dpm_solver', 'dpmpp_2m', 'dpmpp_3m',
   # 'dpmpp_2m_sde' or 'unipc'): evaluation budget, time grid, and the stochastic solvers' eta
   # (None: the solver's default). noise_removal adds a final Tweedie denoising step there.

@@ -32,12 +32,15 @@ def test_exact_trace_matches_exact_log_density(sde_name, g):
   logp, z, nfe = likelihood.log_likelihood(jax.random.PRNGKey(2), sde, gu.score_fn(g, sde), x,
                                            trace='exact', eps=eps)
   per_dim = np.abs(np.asarray(logp - _exact_model_logp(g, sde, x, z, eps))) / g.dim
-  assert per_dim.max() < 1e-3, per_dim.max()
+  # The default solver (dopri5) at rtol = atol = 1e-5: worst example ~3e-3 nats/dim, mean ~4e-5
+  # (tsit5: 8e-4 and 1e-5); a wrong divergence or drift would be off by O(1).
+  assert per_dim.max() < 5e-3 and per_dim.mean() < 1e-4, (per_dim.max(), per_dim.mean())
   assert 10 < int(nfe) < 500
   if sde_name == 'vp' and g is RING:
     # VP's p_T is N(a(1) mean, ~I) with a(1) = 0.0066; for zero-mean data (the ring) the prior's
     # mismatch is O(a(1)^2), so the plain model log-density matches the data's log p_0 too.
-    assert np.abs(np.asarray(logp - g.log_prob(x))).max() / g.dim < 1e-3
+    err = np.abs(np.asarray(logp - g.log_prob(x))) / g.dim
+    assert err.max() < 5e-3 and err.mean() < 5e-4
 
 
 @pytest.mark.parametrize('trace', ['rademacher', 'gaussian'])
@@ -124,7 +127,7 @@ def test_non_finite_data_and_unfinished_solves_are_named():
   x = jnp.zeros((4, 2)).at[1, 0].set(jnp.inf)
   with pytest.raises(ValueError, match=r'non-finite values .* in examples \[1\]'):
     likelihood.log_likelihood(rng, sde, score_fn, x)
-  with pytest.raises(ode.ODESolveError, match=r'log-likelihood \(tsit5, rtol=1e-05, atol=1e-05\).*'
+  with pytest.raises(ode.ODESolveError, match=r'log-likelihood \(dopri5, rtol=1e-05, atol=1e-05\).*'
                      r'all max_steps=3 steps.*raise max_steps or loosen rtol / atol'):
     likelihood.log_likelihood(rng, sde, score_fn, jnp.ones((4, 2)), max_steps=3)
   nan_score = lambda x, t: jnp.full_like(x, jnp.nan)
