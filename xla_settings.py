@@ -1,27 +1,32 @@
 """The library's XLA:CPU settings: flags measured to help its networks on CPUs, and memory hygiene.
 
 XLA reads XLA_FLAGS once, when JAX starts its first backend, so these flags are added to the
-environment when this module is imported (the modules that compile networks import it: losses,
-models.utils), and only if no backend has started yet. Rules:
+environment when this module is imported (the modules that compile networks import it:
+training, models.utils), and only if no backend has started yet. Rules:
 
 - a flag that the user's own XLA_FLAGS already sets (to any value) is left as the user set it;
 - SCORE_SDE_XLA_DEFAULTS=0 in the environment turns every library default off;
 - flags are added only for the jaxlib versions they were measured on (`MEASURED_JAXLIB`): XLA
   aborts the process on a flag it does not know, and another version's defaults may differ.
 
-The flag (a CPU compiler option: accelerators ignore it) and why, measured on 2 cores of an
-AVX-512 Xeon with `benchmarks/train_step.py --ab` (docs/performance.md has every figure):
+The flags (CPU compiler options: accelerators ignore them) and why, measured on 2 cores of an
+AVX-512 Xeon with `benchmarks/train_step.py --ab` (the README's performance section has the
+figures; A/B = default / flag, the two alternated in one run, median of per-round ratios):
 
+- xla_cpu_experimental_ynn_fusion_type=-individual_convolution: convolutions go to Eigen instead
+  of YNNPACK (the rest stays on YNNPACK). YNN's convolutions, its weight gradients above all, keep
+  fewer threads busy: on an otherwise idle machine the flag made the train step 11% (DDPM++ nf 32)
+  and 9% (NCSN++ nf 32) faster, the sampler's forward pass 21% and the likelihood's
+  forward + JVP 18% faster, at 6-11% more CPU time, with losses unchanged to 6 digits. On a
+  machine shared with other jobs, where threads wait for cores anyway, YNN's lower CPU time wins
+  (9-33% the other way, measured under heavy contention): set
+  `SCORE_SDE_XLA_DEFAULTS=0` there.
 - xla_cpu_copy_insertion_use_region_analysis=true: the donated train state is updated in place;
   without it XLA first copies parameters and optimizer leaves (2,149 top-level copies a step at
   nf = 32; 579 -> 115 on the digits DDPM++). Bit-identical results, ~1% less CPU time, less
   memory for temporaries.
 
-Measured and not made defaults: convolutions back from YNNPACK to Eigen
-(xla_cpu_experimental_ynn_fusion_type=-individual_convolution; 1-2% more CPU time on one thread,
-and on two contended cores 9% slower steps, 18% slower forward passes, 33% slower likelihood
-evaluations, whereas an earlier quieter measurement found it 7-27% faster: confirm on a quiet
-machine before adding it here), YNNPACK off for reductions (steps 1.9x slower), the legacy
+Measured and not made defaults: YNNPACK off for reductions (steps 1.9x slower), the legacy
 fusion emitters (xla_cpu_use_fusion_emitters=false: ~0.4-0.65 GiB less peak memory at nf = 32,
 8-12% slower steps; set it yourself when memory is what limits you), 512-bit vectors (+2.5%,
 within noise), the concurrency-optimised scheduler (no change), Threefry unrolled on CPU (4% less
@@ -34,6 +39,7 @@ import os
 from typing import Dict, MutableMapping, Optional
 
 DEFAULT_FLAGS: Dict[str, str] = {
+    'xla_cpu_experimental_ynn_fusion_type': '-individual_convolution',
     'xla_cpu_copy_insertion_use_region_analysis': 'true',
 }
 MEASURED_JAXLIB = ('0.10.',)  # version prefixes the flags above were measured on

@@ -13,7 +13,7 @@ import pytest
 import xla_settings
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-FLAG = next(iter(xla_settings.DEFAULT_FLAGS))  # a flag the library sets
+FLAG = 'xla_cpu_copy_insertion_use_region_analysis'  # a boolean flag the library sets
 
 PROBE = """
 import json, os
