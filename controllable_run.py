@@ -18,7 +18,6 @@ inpaint_masks and inpaint_num_images (0: the whole test split).
 from __future__ import annotations
 
 import dataclasses
-import importlib.util
 import json
 import os
 import time
@@ -30,6 +29,7 @@ import numpy as np
 from absl import logging
 
 import checkpointing
+import configs
 import controllable_generation as cg
 import datasets
 import evaluators
@@ -56,10 +56,7 @@ def load_config_file(path: str):
   if not path or not os.path.isfile(path):
     raise ValueError(f'config.sampling.classifier_config={path!r} is not a config file; classifier '
                      'guidance needs the classifier\'s config, e.g. configs/digits/vp_classifier.py.')
-  spec = importlib.util.spec_from_file_location('_classifier_config', path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config()
+  return configs.load_module(path, '_classifier_config').get_config()
 
 
 def _check_classifier_config(config, cls_config) -> None:

@@ -1,5 +1,4 @@
 """Entry point: python main.py --config configs/<...>.py --workdir DIR --mode train|eval|sample|stats."""
-import importlib.util
 import os
 import re
 import sys
@@ -9,6 +8,8 @@ os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
 
 from absl import app, flags, logging  # noqa: E402
 from ml_collections.config_flags import config_flags  # noqa: E402
+
+import configs  # noqa: E402
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file('config', None, 'Training / evaluation configuration file.',
@@ -42,9 +43,7 @@ def check_config_args(argv) -> None:
   file, _, config_args = path.partition(':')
   if not os.path.isfile(file):
     raise ValueError(f'--config {path}: no file {file!r}.')
-  spec = importlib.util.spec_from_file_location('_checked_config', file)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
+  module = configs.load_module(file, '_checked_config')
   if not callable(getattr(module, 'get_config', None)):
     raise ValueError(f'--config {path}: {file} defines no get_config(); pass an experiment config '
                      'file such as configs/digits/vp_ddpmpp_continuous.py.')

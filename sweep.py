@@ -36,7 +36,6 @@ import argparse
 import csv
 import dataclasses
 import hashlib
-import importlib.util
 import itertools
 import json
 import os
@@ -46,6 +45,7 @@ import subprocess
 import sys
 from typing import Any, Dict, List, Mapping, Optional, Sequence
 
+import configs
 import plots
 
 REPO = os.path.dirname(os.path.abspath(__file__))
@@ -86,9 +86,7 @@ def load_sweep(path: str) -> List[Dict[str, Any]]:
   """The override dicts of a sweep file's get_sweep(), validated (keys without 'config.')."""
   if not os.path.isfile(path):
     raise FileNotFoundError(f'No sweep file {path!r}; a sweep is configs/sweeps/<name>.py.')
-  spec = importlib.util.spec_from_file_location(f'sweep_{_slug(path)}', path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
+  module = configs.load_module(path, f'sweep_{_slug(path)}')
   if not hasattr(module, 'get_sweep'):
     raise ValueError(f'Sweep file {path} defines no get_sweep() returning a list of override '
                      'dicts.')

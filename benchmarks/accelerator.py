@@ -26,6 +26,7 @@ import jax
 import numpy as np
 
 from train_step import build, load_config  # also puts the repository root on sys.path
+from common import time_compiled  # noqa: E402
 
 import likelihood  # noqa: E402
 import training  # noqa: E402
@@ -49,19 +50,6 @@ def peak_tflops(device, dtype: str, override: float) -> float:
     if kind.lower() in device.device_kind.lower():
       return peaks[dtype == 'bfloat16']
   return float('nan')
-
-
-def timed(fn, *args, repeats: int = 3):
-  """(compile + first call s, median of `repeats` waited-for calls s, last output)."""
-  t0 = time.perf_counter()
-  out = jax.block_until_ready(fn(*args))
-  first = time.perf_counter() - t0
-  times = []
-  for _ in range(repeats):
-    t0 = time.perf_counter()
-    out = jax.block_until_ready(fn(*args))
-    times.append(time.perf_counter() - t0)
-  return first, statistics.median(times), out
 
 
 def train_row(name, nf, batch, dtype, steps, peak):
@@ -89,13 +77,13 @@ def sampling_rows(name, nf, batch):
   shape = mutils.input_shape(config, batch)
   what = 'fast_sample dpmpp_2m, 20 steps'
   fn = jax.jit(lambda r: sampling.fast_sample(r, sde, score_fn, shape, solver='dpmpp_2m', n_steps=20))
-  first, t, (_, nfe) = timed(fn, jax.random.PRNGKey(1))
-  print(f'| sample {name} | float32 | {what}, batch {batch} | {first - t:.0f} s | {t * 1e3:.0f} ms | '
+  compile_s, t, (_, nfe) = time_compiled(fn, jax.random.PRNGKey(1))
+  print(f'| sample {name} | float32 | {what}, batch {batch} | {compile_s:.0f} s | {t * 1e3:.0f} ms | '
         f'{batch / t:.1f} img/s | {int(nfe)} NFE | | |', flush=True)
   x = jax.random.uniform(jax.random.PRNGKey(2), shape, minval=-1., maxval=1.)
   fn = jax.jit(lambda r, x: likelihood.log_likelihood(r, sde, score_fn, x, rtol=1e-3, atol=1e-3))
-  first, t, (_, _, nfe) = timed(fn, jax.random.PRNGKey(3), x)
-  print(f'| likelihood {name} | float32 | rtol = atol = 1e-3, batch {batch} | {first - t:.0f} s | '
+  compile_s, t, (_, _, nfe) = time_compiled(fn, jax.random.PRNGKey(3), x)
+  print(f'| likelihood {name} | float32 | rtol = atol = 1e-3, batch {batch} | {compile_s:.0f} s | '
         f'{t * 1e3:.0f} ms | {batch / t:.1f} ex/s | {int(nfe)} NFE | | |', flush=True)
 
 

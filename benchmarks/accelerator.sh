@@ -9,7 +9,9 @@
 #   bash benchmarks/accelerator.sh --nf 64 --batch 64 --dtypes bfloat16   # any accelerator.py flag
 set -euo pipefail
 cd "$(dirname "$0")/.."
-PYTHON="${PYTHON:-python}"
+if [ -z "${PYTHON:-}" ]; then  # the project's venv (scripts/setup.sh) when there is one
+  if [ -x .venv/bin/python ]; then PYTHON=.venv/bin/python; else PYTHON=python; fi
+fi
 export TF_CPP_MIN_LOG_LEVEL="${TF_CPP_MIN_LOG_LEVEL:-2}"
 # Let XLA take device memory as it needs it: the figures are for one process on the device.
 export XLA_PYTHON_CLIENT_PREALLOCATE="${XLA_PYTHON_CLIENT_PREALLOCATE:-false}"
