@@ -7,7 +7,7 @@ import dataclasses
 import json
 import os
 import time
-from typing import Any, Dict, Iterator, Optional
+from typing import Any, Dict, Iterator, Optional, Sequence, Tuple
 
 import jax
 import numpy as np
@@ -118,6 +118,16 @@ def _resolve_ckpt(config, value: Optional[int], latest: Optional[int]) -> Option
   if value is None:
     return final_snapshot(config)
   return latest if value == -1 else int(value)
+
+
+def eval_range(config, existing: Sequence[int]) -> Tuple[Optional[int], Optional[int]]:
+  """(begin, end): the snapshots eval.begin_ckpt..eval.end_ckpt that evaluation sweeps, given the
+  snapshot numbers that exist (sorted). None -> the final snapshot of the training config;
+  -1 -> the newest existing one (None when there is none)."""
+  latest = existing[-1] if len(existing) else None
+  begin, end = (_resolve_ckpt(config, config.eval.get(n, None), latest)
+                for n in ('begin_ckpt', 'end_ckpt'))
+  return begin, end
 
 
 def check_config(config) -> None:
@@ -320,10 +330,7 @@ def evaluate(config, workdir: str, eval_folder: str = 'eval') -> list:
     run = setup(config, workdir)
     # Read only: never cleaned or written here (a training run may be writing it).
     snapshots = checkpointing.make_manager(os.path.join(run.workdir, 'checkpoints'))
-    existing = checkpointing.all_steps(snapshots)
-    latest = existing[-1] if existing else None
-    begin, end = (_resolve_ckpt(config, config.eval.get(n, None), latest)
-                  for n in ('begin_ckpt', 'end_ckpt'))
+    begin, end = eval_range(config, checkpointing.all_steps(snapshots))
     results = _evaluate_range(run, snapshots, eval_dir, begin, end)
     if not results:
       raise FileNotFoundError(_nothing_evaluated(run, snapshots, begin, end))

@@ -307,7 +307,8 @@ def sampling_methods() -> Tuple[str, ...]:
 
 
 def check_sampling_config(config, eps: Optional[float] = None) -> str:
-  """Validates every field of config.sampling that its method uses; returns the method.
+  """Validates every field of config.sampling that its method uses, and every sampler name;
+  returns the method.
 
   Runs before any compilation: names (method, predictor, corrector, ODE solver, schedule) and
   values (snr, corrector steps, tolerances, n_steps, eta) raise ValueErrors naming the field."""
@@ -318,6 +319,12 @@ def check_sampling_config(config, eps: Optional[float] = None) -> str:
   sde, default_eps = sde_lib.get_sde(config)
   eps = default_eps if eps is None else eps
   try:
+    # Names are checked whatever the method: a misspelled knob of another method is caught now,
+    # not when someone switches to that method after a long training run.
+    for field, registry in (('predictor', PREDICTORS), ('corrector', CORRECTORS),
+                            ('ode_solver', ode.ODE_SOLVERS), ('schedule', TIME_SCHEDULES)):
+      if field in s:
+        registry.check(s[field])
     if method == 'pc':
       _check_pc_args(sde, s.predictor, s.corrector, s.snr, s.n_steps_each, eps)
     elif method == 'ode':

@@ -196,7 +196,13 @@ def is_finished(point: Point, mode: str, eval_folder: str = 'eval') -> bool:
     return step is not None and step >= int(c.training.n_iters)
   done = {r.get('ckpt') for r in plots.read_jsonl(
       os.path.join(point.workdir, eval_folder, 'results.jsonl'))}
-  return set(range(int(c.eval.begin_ckpt), int(c.eval.end_ckpt) + 1)) <= done
+  import checkpointing  # lazily, as above
+  import run_lib
+  directory = os.path.join(point.workdir, 'checkpoints')
+  existing = checkpointing.all_steps(checkpointing.make_manager(directory)) if os.path.isdir(
+      directory) else []
+  begin, end = run_lib.eval_range(c, existing)  # as `main.py --mode eval` resolves them
+  return begin is not None and end is not None and set(range(begin, end + 1)) <= done
 
 
 # ------------------------------------------------------------------------------------------------

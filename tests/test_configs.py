@@ -61,6 +61,11 @@ def test_bad_sampler_names_are_rejected_before_work():
   config.sampling.method, config.sampling.ode_solver = 'ode', 'rk99'
   with pytest.raises(ValueError, match="'rk99'.*tsit5"):
     sampling.check_sampling_config(config)
+  # A misspelled knob of a method that is not selected is caught too (before a long run).
+  config = importlib.import_module('configs.toy.vp_ring2d').get_config()
+  config.sampling.method, config.sampling.schedule = 'pc', 'karas'
+  with pytest.raises(ValueError, match="time schedule 'karas'; valid choices.*karras"):
+    sampling.check_sampling_config(config)
 
 
 @pytest.mark.parametrize('method,field,value,match', [

@@ -4,6 +4,7 @@ import csv
 import json
 import os
 import shlex
+import shutil
 import subprocess
 import sys
 
@@ -72,6 +73,23 @@ def test_second_run_skips_finished_points(trained):
   points = sweep.make_points(CONFIG, sweep.load_sweep(SWEEP), str(root),
                              [*TINY, '--config.training.n_iters=4'])
   assert not any(sweep.is_finished(p, 'train') for p in points)
+
+
+def test_eval_finished_resolves_the_range_as_evaluation_does(trained):
+  """Default eval.begin/end_ckpt (None: the training config's final snapshot) and -1 (newest):
+  a point is finished for eval once that snapshot is in results.jsonl."""
+  root, _ = trained
+  for extra in ([], ['--config.eval.begin_ckpt=-1', '--config.eval.end_ckpt=-1']):
+    (point,) = sweep.make_points(CONFIG, sweep.load_sweep(SWEEP)[:1], str(root), [*TINY, *extra])
+    results = os.path.join(point.workdir, 'eval', 'results.jsonl')
+    assert not os.path.exists(results) and not sweep.is_finished(point, 'eval')
+    os.makedirs(os.path.dirname(results))
+    try:
+      with open(results, 'w') as f:  # snapshot 1 = step 2, the final and the newest one
+        f.write(json.dumps({'ckpt': 1, 'step': 2, 'loss': 1.}) + '\n')
+      assert sweep.is_finished(point, 'eval')
+    finally:
+      shutil.rmtree(os.path.dirname(results))
 
 
 def _script_commands(script):
