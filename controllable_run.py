@@ -471,7 +471,7 @@ def sample(config, workdir: str, folder: str = 'samples_mode') -> Dict[str, Any]
       if rows is not None:
         outputs.save_grid(rows, os.path.join(out, 'sample.png'))
       else:  # vectors: a 2-D histogram
-        outputs.save_samples(result['samples'], out, 'sample')
+        outputs.save_samples(result['samples'], out, 'sample', npz=False)
       with open(os.path.join(out, 'sampling.json'), 'w') as f:
         json.dump(summary, f, indent=1, default=str)
     logging.info('Wrote %s outputs of snapshot %d (step %d) to %s.', task, ckpt, step, out)

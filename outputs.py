@@ -51,12 +51,15 @@ class MetricLog:
     self.writer.flush()
 
 
-def save_samples(samples: np.ndarray, directory: str, name: str = 'sample') -> str:
-  """Writes samples as <name>.npz and a PNG (an image grid, or a 2-D histogram for points)."""
+def save_samples(samples: np.ndarray, directory: str, name: str = 'sample', *,
+                 npz: bool = True) -> str:
+  """Writes samples as <name>.npz (unless `npz` is False: the caller keeps them elsewhere) and a
+  PNG (an image grid, or a 2-D histogram for points); returns the PNG's path."""
   from PIL import Image
   os.makedirs(directory, exist_ok=True)
   samples = np.asarray(samples)
-  np.savez_compressed(os.path.join(directory, f'{name}.npz'), samples=samples)
+  if npz:
+    np.savez_compressed(os.path.join(directory, f'{name}.npz'), samples=samples)
   path = os.path.join(directory, f'{name}.png')
   if samples.ndim == 4:  # [B, H, W, C] images in [0, 1], in a square grid
     cols = int(np.ceil(np.sqrt(len(samples))))

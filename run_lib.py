@@ -449,7 +449,7 @@ def sample(config, workdir: str, folder: str = 'samples_mode') -> Dict[str, Any]
                'nfe_per_sample': float(np.mean(nfes)), 'seconds': seconds, 'outputs': out}
     if run.is_main:
       outputs.save_npz(os.path.join(out, 'samples.npz'), samples=samples)
-      outputs.save_samples(samples[:64], out, 'sample')
+      outputs.save_samples(samples[:64], out, 'sample', npz=False)  # all are in samples.npz
       with open(os.path.join(out, 'sampling.json'), 'w') as f:
         json.dump(summary, f, indent=1, default=str)
     logging.info('Wrote %d samples of snapshot %d (step %d) to %s: %.1f NFE a sample, %.0f s.',
