@@ -140,54 +140,32 @@ def _from_latent(y: Array, decoupled: bool) -> Array:
   return couple(y) if decoupled else y
 
 
-@functools.partial(jax.jit, static_argnames=('sde', 'score_fn', 'predictor_fn', 'corrector_fn',
-                                             'snr', 'n_steps', 'probability_flow', 'denoise',
-                                             'decoupled'))
-def _replacement_jit(rng, known, mask, timesteps, *, sde, score_fn, predictor_fn, corrector_fn,
-                     snr, n_steps, probability_flow, denoise, decoupled):
-  """PC sampling over `timesteps` with the known part (mask 1) of the latent coordinates
-  (`decoupled`: the colour basis; else x itself) replaced by its forward perturbation."""
-  known_mask = mask > 0.5
-  batch = known.shape[0]
+def _impose_known(rng, x, vec_t, sde, known, mask, *, decoupled):
+  """x with the known part (mask 1) of its latent coordinates (`decoupled`: the colour basis; else
+  x itself) replaced by a fresh draw of p_0t(. | known) (Song et al. 2021, App. I.2): pc_sample's
+  constraint."""
+  mean, std = sde.marginal_prob(known, vec_t)
+  noisy = mean + batch_mul(std, jax.random.normal(rng, known.shape, known.dtype))
+  return _from_latent(jnp.where(mask > 0.5, noisy, _to_latent(x, decoupled)), decoupled)
 
-  def impose(rng, x, vec_t):
-    # The known part at time t: a fresh draw of p_0t(. | known) (Song et al. 2021, App. I.2).
-    mean, std = sde.marginal_prob(known, vec_t)
-    noisy = mean + batch_mul(std, jax.random.normal(rng, known.shape, known.dtype))
-    return _from_latent(jnp.where(known_mask, noisy, _to_latent(x, decoupled)), decoupled)
 
-  def step(carry, inputs):
-    x, _ = carry
-    t, step_rng = inputs
-    rngs = jax.random.split(step_rng, 4)
-    vec_t = jnp.full((batch,), t, known.dtype)
-    x = impose(rngs[0], x, vec_t)
-    if corrector_fn.nfe:
-      x, _ = corrector_fn(rngs[1], x, vec_t, sde, score_fn, snr, n_steps)
-      x = impose(rngs[2], x, vec_t)
-    return predictor_fn(rngs[3], x, vec_t, sde, score_fn, probability_flow), None
-
-  init_rng, rng = jax.random.split(rng)
-  # Prior noise drawn in the latent basis (the same law: the basis is orthonormal); the first step
-  # replaces its known part by the known data's perturbation at T.
-  x = _from_latent(sde.prior_sampling(init_rng, known.shape), decoupled)
-  (x, x_mean), _ = jax.lax.scan(step, (x, x), (timesteps, jax.random.split(rng, len(timesteps))))
-  out = _to_latent(x_mean if denoise else x, decoupled)
-  # The known part exactly (t = 0); the unknown part the last step's mean (denoise) or sample.
-  return _from_latent(jnp.where(known_mask, known, out), decoupled)
+# Static arguments of pc_sample's jitted loop: created once, so that calls share its compilation.
+_CONSTRAINTS = {d: functools.partial(_impose_known, decoupled=d) for d in (False, True)}
 
 
 def _replacement_sample(rng, sde, score_fn, known, mask, *, decoupled, predictor, corrector, snr,
                         n_steps, eps, denoise, probability_flow) -> Tuple[Array, int]:
-  predictor_fn, corrector_fn, eps = sampling._check_pc_args(sde, predictor, corrector, snr,
-                                                             n_steps, eps)
-  timesteps = sampling.time_grid(sde, sde.N - 1, eps, 'time_uniform')  # pc_sample's grid
-  nfe = sde.N * (predictor_fn.nfe + corrector_fn.nfe * int(n_steps))
-  x = _replacement_jit(rng, known, mask, timesteps, sde=sde, score_fn=score_fn,
-                       predictor_fn=predictor_fn, corrector_fn=corrector_fn, snr=float(snr),
-                       n_steps=int(n_steps), probability_flow=bool(probability_flow),
-                       denoise=bool(denoise), decoupled=decoupled)
-  return x, nfe
+  """pc_sample with the known part re-imposed before the corrector and the predictor; the output
+  is the known part exactly (t = 0) and the last step's mean (`denoise`) or sample elsewhere."""
+  # Prior noise drawn in the latent basis (the same law: the basis is orthonormal), from the key
+  # pc_sample would use for it; the first step replaces its known part by the data's perturbation.
+  init_rng, _ = jax.random.split(rng)
+  x_init = _from_latent(sde.prior_sampling(init_rng, known.shape), decoupled)
+  x, nfe = sampling.pc_sample(rng, sde, score_fn, known.shape, predictor=predictor,
+                              corrector=corrector, snr=snr, n_steps=n_steps, eps=eps,
+                              denoise=denoise, probability_flow=probability_flow, x_init=x_init,
+                              constraint=_CONSTRAINTS[decoupled], constraint_args=(known, mask))
+  return _from_latent(jnp.where(mask > 0.5, known, _to_latent(x, decoupled)), decoupled), nfe
 
 
 def inpaint(rng: Array, sde: sde_lib.SDE, score_fn: ScoreFn, data: Array, mask: Array, *,

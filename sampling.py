@@ -208,35 +208,48 @@ def _check_pc_args(sde, predictor, corrector, snr, n_steps, eps):
 def pc_sample(rng: Array, sde: sde_lib.SDE, score_fn: ScoreFn, shape: Sequence[int], *,
               predictor: str = 'euler_maruyama', corrector: str = 'none', snr: float = 0.16,
               n_steps: int = 1, probability_flow: bool = False, denoise: bool = True,
-              eps: float = 1e-3, x_init: Optional[Array] = None) -> Tuple[Array, int]:
+              eps: float = 1e-3, x_init: Optional[Array] = None,
+              constraint: Optional[Callable] = None, constraint_args=()) -> Tuple[Array, int]:
   """Predictor-corrector sampling [B, ...] from the prior at T down to eps over sde.N steps.
 
   The grid is `time_uniform` with N points (T, ..., eps). At each step the corrector runs before
   the predictor (as the original); `denoise` returns the last step's noise-free mean. `x_init`
-  replaces the prior sample. Returns (samples, nfe). Raises ValueError on bad arguments."""
+  replaces the prior sample. `constraint(rng, x, vec_t, sde, *constraint_args) -> x`, a
+  module-level function (it is a static argument of the jitted loop; `constraint_args` are
+  arrays), is applied before the corrector (when it evaluates the score) and before the
+  predictor: the replacement method of `controllable_generation` re-imposes the known part of x
+  there. Returns (samples, nfe). Raises ValueError on bad arguments."""
   predictor_fn, corrector_fn, eps = _check_pc_args(sde, predictor, corrector, snr, n_steps, eps)
   shape = _check_shape(shape)
   nfe = sde.N * (predictor_fn.nfe + corrector_fn.nfe * int(n_steps))
-  samples = _pc_sample_jit(rng, x_init, time_grid(sde, sde.N - 1, eps, 'time_uniform'), sde=sde,
-                           score_fn=score_fn, shape=shape, predictor_fn=predictor_fn,
-                           corrector_fn=corrector_fn, snr=float(snr), n_steps=int(n_steps),
-                           probability_flow=bool(probability_flow), denoise=bool(denoise))
+  samples = _pc_sample_jit(rng, x_init, time_grid(sde, sde.N - 1, eps, 'time_uniform'),
+                           tuple(constraint_args), sde=sde, score_fn=score_fn, shape=shape,
+                           predictor_fn=predictor_fn, corrector_fn=corrector_fn, snr=float(snr),
+                           n_steps=int(n_steps), probability_flow=bool(probability_flow),
+                           denoise=bool(denoise), constraint=constraint)
   return samples, nfe
 
 
 @functools.partial(jax.jit, static_argnames=('sde', 'score_fn', 'shape', 'predictor_fn', 'corrector_fn',
-                                             'snr', 'n_steps', 'probability_flow', 'denoise'))
-def _pc_sample_jit(rng, x_init, timesteps, *, sde, score_fn, shape, predictor_fn, corrector_fn, snr,
-                   n_steps, probability_flow, denoise):
+                                             'snr', 'n_steps', 'probability_flow', 'denoise',
+                                             'constraint'))
+def _pc_sample_jit(rng, x_init, timesteps, constraint_args, *, sde, score_fn, shape, predictor_fn,
+                   corrector_fn, snr, n_steps, probability_flow, denoise, constraint):
   init_rng, rng = jax.random.split(rng)
   x = sde.prior_sampling(init_rng, shape) if x_init is None else x_init
 
   def step(carry, inputs):
     x, _ = carry
     t, step_rng = inputs
-    c_rng, p_rng = jax.random.split(step_rng)
     vec_t = jnp.full((shape[0],), t, x.dtype)
+    if constraint is None:
+      c_rng, p_rng = jax.random.split(step_rng)
+    else:  # a fresh draw for each re-imposition
+      k_rng, c_rng, k2_rng, p_rng = jax.random.split(step_rng, 4)
+      x = constraint(k_rng, x, vec_t, sde, *constraint_args)
     x, _ = corrector_fn(c_rng, x, vec_t, sde, score_fn, snr, n_steps)
+    if constraint is not None and corrector_fn.nfe:
+      x = constraint(k2_rng, x, vec_t, sde, *constraint_args)
     return predictor_fn(p_rng, x, vec_t, sde, score_fn, probability_flow), None
 
   (x, x_mean), _ = jax.lax.scan(step, (x, x), (timesteps, jax.random.split(rng, len(timesteps))))
