@@ -34,7 +34,6 @@ import controllable_generation as cg
 import datasets
 import evaluators
 import losses
-import ode
 import outputs
 import parallel
 import sampling
@@ -166,7 +165,6 @@ def get_guided_sampling_fn(config, sde, model, shape, inverse_scaler, eps, *,
   """sampling_fn(rng, params, labels [B], scale, model_state=None) -> (samples, nfe): one jitted
   program for every label batch and scale, with config.sampling's method (nfe counts guided
   score evaluations; a CFG evaluation with w > 0 is two network passes)."""
-  s = config.sampling
   sampler = sampling.get_sampler(config, shape, eps)
   out = None
   if mesh is not None:
@@ -184,8 +182,7 @@ def get_guided_sampling_fn(config, sde, model, shape, inverse_scaler, eps, *,
   def sampling_fn(rng, params, labels, scale, model_state=None):
     x, nfe, failed = jitted(rng, params, jnp.asarray(labels, jnp.int32),
                             jnp.asarray(scale, jnp.float32), model_state, cls_params)
-    ode.raise_if_failed(failed, 'guided sampling', solver=s.get('ode_solver', ode.DEFAULT_SOLVER),
-                        rtol=s.get('rtol', 1e-5), atol=s.get('atol', 1e-5), max_steps=4096)
+    sampling.raise_if_sampler_failed(config, failed, 'guided sampling')
     return x, nfe
 
   return sampling_fn
@@ -337,19 +334,31 @@ class GuidanceEvaluator(evaluators.Evaluator):
     return result
 
   def _samples(self, state, w, n) -> Dict[str, np.ndarray]:
-    run, batch = self.ctx, int(self.ctx.config.eval.batch_size)
-    parts, start = [], time.time()
-    for r in range(-(-n // batch)):
-      labels = cg.class_labels('all', batch, self.num_classes, offset=r * batch)
-      rng = jax.random.fold_in(jax.random.PRNGKey(run.config.seed), 7_000_003 * (r + 1))
-      samples, nfe = self.sampling_fn(rng, state.ema_params, labels, w, state.model_state)
-      samples = parallel.to_host(samples)
+    def features(samples):
       feats = jax.device_get(self.extractor[1](samples))
-      parts.append(dict(samples=samples, labels=labels,
-                        **{k: np.asarray(feats[k]) for k in ('pool', 'logits')}))
-      logging.info('Guided sampling w = %g, round %d: %d samples, %d NFE (%.0f s).', w, r + 1,
-                   batch, int(nfe), time.time() - start)
-    return {k: np.concatenate([p[k] for p in parts])[:n] for k in parts[0]}
+      return {k: np.asarray(feats[k]) for k in ('pool', 'logits')}
+
+    out, _ = draw_guided(self.ctx, state, self.sampling_fn, n, 'all', self.num_classes, w,
+                         per_batch=features)
+    return out
+
+
+def draw_guided(run, state, sampling_fn, n: int, labels, num_classes: int, scale,
+                per_batch: Optional[Callable] = None) -> Tuple[Dict[str, np.ndarray], int]:
+  """n samples of a guided sampling_fn (get_guided_sampling_fn) in batches of eval.batch_size,
+  with the label spec `labels` (cg.class_labels; 'all': class-balanced across batches) and
+  `scale`: ({'samples', 'labels', and what per_batch(samples) -> dict adds}, nfe per sample).
+  Batch r is drawn with the seed of the sample mode's batch r."""
+  import run_lib
+  batch = int(run.config.eval.batch_size)
+  parts, nfe, start = [], 0, time.time()
+  for r in range(-(-n // batch)):
+    y = cg.class_labels(labels, batch, num_classes, offset=r * batch)
+    samples, nfe = run.draw_samples(sampling_fn, state, run_lib.sample_mode_seed(r), y, scale)
+    parts.append(dict(samples=samples, labels=y, **(per_batch(samples) if per_batch else {})))
+    logging.info('Guided sampling w = %g, round %d: %d samples, %d NFE (%.0f s).', scale, r + 1,
+                 batch, nfe, time.time() - start)
+  return {k: np.concatenate([p[k] for p in parts])[:n] for k in parts[0]}, nfe
 
 
 @evaluators.EVALUATORS.register(name='inpainting')
@@ -483,19 +492,11 @@ def _sample_task(run, state, classifier, k):
   s, batch, n = c.sampling, int(c.eval.batch_size), int(c.eval.num_samples)
   fn = get_guided_sampling_fn(c, run.sde, run.model, run.data.batch_shape(batch),
                               run.inverse_scaler, run.eps, classifier=classifier, mesh=run.mesh)
-  parts, labels, nfe = [], [], 0
-  for r in range(-(-n // batch)):
-    y = cg.class_labels(s.labels, batch, k, offset=r * batch) if k else np.zeros(batch, np.int32)
-    rng = jax.random.fold_in(jax.random.PRNGKey(c.seed), 7_000_003 * (r + 1))
-    x, nfe = fn(rng, state.ema_params, y, s.guidance_scale, state.model_state)
-    parts.append(parallel.to_host(x))
-    labels.append(y)
-  x, y = np.concatenate(parts)[:n], np.concatenate(labels)[:n]
-  result = {'samples': x, 'nfe_per_sample': float(nfe), **({'labels': y} if k else {})}
+  out, nfe = draw_guided(run, state, fn, n, s.labels, k, s.guidance_scale)  # k > 0: guided
+  x, y = out['samples'], out['labels']
+  result = {'samples': x, 'nfe_per_sample': float(nfe), 'labels': y}
   if x.ndim != 4:
     return result, None
-  if not k:
-    return result, x[None, :64]
   classes = np.unique(y)
   return result, class_rows(x, y, classes, cols=min(10, max(1, n // len(classes))))
 

@@ -51,12 +51,18 @@ class Run:
   def inverse_scaler(self):
     return self.data.inverse_scaler
 
-  def draw_samples(self, sampling_fn, state, seed_offset: int):
-    """(samples on every process, nfe) from sampling_fn with state's EMA params; the rng is
-    config.seed folded with seed_offset, so a batch is the same whenever it is drawn."""
+  def draw_samples(self, sampling_fn, state, seed_offset: int, *args):
+    """(samples on every process, nfe) from sampling_fn(rng, state's EMA params, *args,
+    model_state=...) (args: e.g. a guided sampler's labels and scale); the rng is config.seed
+    folded with seed_offset, so a batch is the same whenever it is drawn."""
     rng = jax.random.fold_in(jax.random.PRNGKey(self.config.seed), seed_offset)
-    samples, nfe = sampling_fn(rng, state.ema_params, state.model_state)
+    samples, nfe = sampling_fn(rng, state.ema_params, *args, model_state=state.model_state)
     return parallel.to_host(samples), int(nfe)
+
+
+def sample_mode_seed(i: int) -> int:
+  """The seed offset of batch i of `--mode sample` (and of guided samples: the same batches)."""
+  return 7_000_003 * (i + 1)
 
 
 def _check_workdir(workdir: str) -> str:
@@ -433,7 +439,7 @@ def sample(config, workdir: str, folder: str = 'samples_mode') -> Dict[str, Any]
       path = os.path.join(out, f'batch_{i}.npz')
       if not os.path.exists(path):
         start = time.time()
-        samples, nfe = run.draw_samples(sampling_fn, state, 7_000_003 * (i + 1))
+        samples, nfe = run.draw_samples(sampling_fn, state, sample_mode_seed(i))
         if run.is_main:
           outputs.save_npz(path, samples=samples, nfe=nfe, seconds=time.time() - start)
         checkpointing.barrier(f'sample_batch_{i}')

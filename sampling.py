@@ -351,6 +351,14 @@ def check_sampling_config(config, eps: Optional[float] = None) -> str:
   return method
 
 
+def raise_if_sampler_failed(config, failed, what: str) -> None:
+  """ode.ODESolveError, with config.sampling's solver settings, when the `failed` flag of a
+  `get_sampler` sampler is set (an adaptive ODE solve that did not finish)."""
+  s = config.sampling
+  ode.raise_if_failed(failed, what, solver=s.get('ode_solver', ode.DEFAULT_SOLVER),
+                      rtol=s.get('rtol', 1e-5), atol=s.get('atol', 1e-5), max_steps=4096)
+
+
 def get_sampler(config, shape: Sequence[int], eps: float) -> Callable:
   """sampler(rng, sde, score_fn) -> (samples, nfe, failed) for `config.sampling`, jittable.
 
@@ -401,8 +409,7 @@ def get_sampling_fn(config, sde: sde_lib.SDE, model, shape: Sequence[int],
 
   def sampling_fn(rng, params, model_state=None):
     x, nfe, failed = jitted(rng, params, model_state)
-    ode.raise_if_failed(failed, 'sampling', solver=s.get('ode_solver', ode.DEFAULT_SOLVER),
-                        rtol=s.get('rtol', 1e-5), atol=s.get('atol', 1e-5), max_steps=4096)
+    raise_if_sampler_failed(config, failed, 'sampling')
     return x, nfe
 
   sampling_fn.jitted = jitted
