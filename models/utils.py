@@ -69,8 +69,9 @@ def check_input_shape(config, shape: Optional[Sequence[int]] = None) -> Tuple[in
   """Raises a ValueError, before any tracing, unless the configured network takes inputs of this
   per-example `shape` (default: the config's own, input_shape(config)[1:]); returns that shape.
 
-  Checks that `shape` is the config's data shape (`datasets.dataset_info(config).shape`) and that the config's image size fits the U-Net's downsampling (len(ch_mult)
-  levels) and model.attn_resolutions.
+  Checks that `shape` is the config's data shape (`datasets.dataset_info(config).shape`) and
+  that the config's image size fits the U-Net's downsampling (len(ch_mult) levels) and
+  model.attn_resolutions.
   """
   expected = tuple(int(s) for s in input_shape(config)[1:])
   data = config.data
@@ -187,8 +188,8 @@ def classifier_noise_labels(sde: sde_lib.SDE, t: jax.Array) -> jax.Array:
 
 
 def get_class_log_prob_fn(sde: sde_lib.SDE, model: nn.Module, params, model_state=None, *,
-                    train: bool = False, rng: Optional[jax.Array] = None
-                    ) -> Callable[[jax.Array, jax.Array], jax.Array]:
+                          train: bool = False, rng: Optional[jax.Array] = None
+                          ) -> Callable[[jax.Array, jax.Array], jax.Array]:
   """Turns a noise-conditional classifier (logits out, e.g. 'wideresnet') into
   log_prob_fn(x, t) -> [B, K]: log p_t(y | x) of noisy inputs x [B, ...] at times t [B].
 
